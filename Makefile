@@ -1,0 +1,85 @@
+# Text-to-audio with a causal LM over continuous tokens — common commands.
+# Every target that runs Python first (re)creates the virtual environment when it is
+# missing or older than setup.cfg, so a fresh clone needs no separate install step.
+
+SHELL := /bin/bash
+PYTHON_BOOTSTRAP ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-setup
+# CPU build of torch that this machine holds on disk (see README "Install recipe").
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+
+EXP ?= demo
+ARGS ?=
+CKPT ?=
+PROMPT ?=
+PROMPTS ?=
+SECONDS ?=
+CFG ?=
+STEPS ?=
+TEMPERATURE ?=
+SEED ?=
+OUT ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train cache generate eval evaluator ablate bench test test-full tensorboard notebook corpus manifest clean-venv
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@echo ""
+	@echo "  Variables: EXP=<experiment> (default demo), ARGS=\"key=value ...\", CKPT=, PROMPT=, PROMPTS=, OUT="
+	@echo "  Experiments: $$(ls experiments/*.yaml | xargs -n1 basename | sed 's/\.yaml//' | grep -v '^base$$' | tr '\n' ' ')"
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create/refresh the virtual environment (.venv) — other targets do this themselves
+
+train: $(STAMP) ## Train an experiment: make train [EXP=demo] [ARGS="key=value ..."]
+	$(PY) -m experiments.train $(EXP) $(ARGS)
+
+cache: $(STAMP) ## Encode an experiment's manifest into its latent cache (resumable)
+	$(PY) -m experiments.cache $(EXP) $(ARGS)
+
+generate: $(STAMP) ## Generate audio: make generate [CKPT=...] PROMPT="..." | PROMPTS=file.txt [SECONDS= CFG= STEPS= TEMPERATURE= SEED= OUT=]
+	$(PY) -m experiments.generate \
+	  $(if $(CKPT),--ckpt "$(CKPT)") $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
+	  $(if $(SECONDS),--seconds $(SECONDS)) $(if $(CFG),--cfg $(CFG)) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out "$(OUT)") $(ARGS)
+
+eval: $(STAMP) ## Evaluate a checkpoint: make eval [EXP=demo] [CKPT=...]
+	$(PY) -m experiments.evaluate $(EXP) $(if $(CKPT),--ckpt "$(CKPT)") $(ARGS)
+
+evaluator: $(STAMP) ## Train the offline evaluator network for the synthetic corpus
+	$(PY) -m experiments.train evaluator $(ARGS)
+
+ablate: $(STAMP) ## NTP vs MNTP on the synthetic corpus, same budget and seed, side-by-side table
+	$(PY) -m experiments.ablate $(ARGS)
+
+bench: $(STAMP) ## Throughput benchmarks (ratios measured in one run)
+	$(PY) -m experiments.bench $(ARGS)
+
+corpus: $(STAMP) ## Generate the built-in synthetic corpus of an experiment
+	$(PY) -m experiments.corpus $(EXP) $(ARGS)
+
+test: $(STAMP) ## Fast tests (excludes tests marked slow)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-full: $(STAMP) ## All tests, including slow end-to-end ones
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+tensorboard: $(STAMP) ## Watch training: TensorBoard over runs/
+	$(VENV)/bin/tensorboard --logdir runs
+
+notebook: $(STAMP) ## Jupyter Lab on notebooks/ (installs the notebook extra)
+	$(PY) -m pip install -q -e ".[notebook,$(EXTRAS)]"
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-venv: ## Remove the virtual environment
+	rm -rf $(VENV)

@@ -1,0 +1,105 @@
+"""Generate audio from text with a trained language model (``make generate``).
+
+    python -m experiments.generate [--ckpt CKPT] --prompt "a dog barks" [--seconds 10 --cfg 3
+        --steps 100 --temperature 1 --seed 0 --out DIR]
+    python -m experiments.generate --prompts prompts.txt      # one prompt per line
+
+Without ``--ckpt`` the newest ``demo`` run's last checkpoint is used. Writes one wav per
+prompt plus ``samples.json`` (file, caption and every generation setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="checkpoint (default: <runs>/demo/last/checkpoints/last.ckpt)")
+    parser.add_argument("--exp", default="demo", help="experiment whose newest run is used when --ckpt is not given")
+    parser.add_argument("--runs", default="runs", help="runs root for the default checkpoint")
+    parser.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    parser.add_argument("--prompts", help="a text file with one prompt per line")
+    parser.add_argument("--seconds", type=float, help="audio length (default: the checkpoint's sample.seconds)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, help="reverse diffusion steps per token")
+    parser.add_argument("--temperature", type=float, help="diffusion sampling temperature")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    parser.add_argument("--out", help="output folder (default: <run>/generated/<timestamp>)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise SystemExit(f"error: --prompts file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt \"...\" (PROMPT=) or --prompts file.txt (PROMPTS=)")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = read_prompts(args)
+    from experiments.config import config_from_container, last_run_dir
+    from experiments.pipeline import check_pretransform, load_pretransform_for, render_fn
+    from lightning_modules.audio_lm import AudioLMSystem
+    from lightning_modules.callbacks import write_samples
+
+    ckpt = Path(args.ckpt) if args.ckpt else last_run_dir(args.runs, args.exp) / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise SystemExit(f"error: checkpoint {ckpt} does not exist")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    system = AudioLMSystem.load_from_checkpoint(ckpt, map_location=device)
+    system.eval()
+    cfg = config_from_container(system.hparams["config"])
+    sample = cfg.sample
+    if args.seconds is not None:
+        sample.seconds = args.seconds
+    if args.cfg is not None:
+        sample.cfg_scale = args.cfg
+    if args.steps is not None:
+        sample.steps = args.steps
+    if args.temperature is not None:
+        sample.temperature = args.temperature
+    pretransform = load_pretransform_for(cfg).to(device).eval()
+    check_pretransform(system, pretransform)
+
+    out_dir = Path(args.out) if args.out else ckpt.parent.parent / "generated" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    settings = {
+        "checkpoint": str(ckpt.resolve()),
+        "seconds": sample.seconds,
+        "cfg_scale": sample.cfg_scale,
+        "steps": sample.steps,
+        "temperature": sample.temperature,
+        "sampler": sample.sampler,
+        "seed": args.seed,
+        "sample_rate": pretransform.sample_rate,
+    }
+    start = time.perf_counter()
+    waves = []
+    for i in range(0, len(prompts), args.batch_size):
+        render = render_fn(cfg, pretransform, sample.seconds, args.seed + i)
+        waves.append(render(system, prompts[i : i + args.batch_size]))
+    elapsed = time.perf_counter() - start
+    settings["wall_seconds"] = round(elapsed, 2)
+    paths = write_samples(out_dir, torch.cat(waves), prompts, pretransform.sample_rate, settings)
+    print(f"[generate] {len(paths)} clips of {sample.seconds:g} s in {elapsed:.1f} s → {out_dir}")
+    for path, prompt in zip(paths, prompts):
+        print(f"  {path.name}: {prompt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""Where data meets model: the stages `make train`, `make cache` and `make generate` run.
+
+Stages of the ``audio_lm`` task (each reusable on its own):
+
+1. :func:`manifest_sources` — the synthetic corpus is generated (or reused), or the
+   configured manifests are read;
+2. :func:`load_or_train_pretransform` — pretrained AudioLDM VAE, or a VAE exported by a
+   ``mel_vae`` run, trained first when missing;
+3. :func:`ensure_latent_cache` — every clip encoded once into the latent cache (resumable);
+4. :func:`train_audio_lm` — the language model on the cache, samples at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.audio_datamodule import AudioCapsDataModule
+from datamodules.latent_cache import LatentCache, LatentCacheWriter, LatentDataModule
+from datamodules.manifest import ManifestSource, parse_manifest_sources, read_manifest
+from datamodules.synthetic import generate_corpus
+from experiments.config import atomic_write_text, last_run_dir, make_run_dir
+from lightning_modules.audio_lm import AudioLMSystem
+from lightning_modules.callbacks import AtomicCheckpointIO, AudioSamplesCallback
+from lightning_modules.mel_vae import MelVAESystem
+from lightning_modules.parts.pretransform import MelVAEPretransform
+from lightning_modules.parts.text_conditioning import train_sentencepiece
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{stage}] {message}", flush=True)
+
+
+def container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def set_threads(cfg: DictConfig) -> None:
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def manifest_sources(cfg: DictConfig) -> list[ManifestSource]:
+    """The manifests an experiment reads; generates the synthetic corpus when asked to."""
+    if cfg.data.source == "synthetic":
+        corpus = cfg.corpus
+        start = time.perf_counter()
+        path = generate_corpus(
+            corpus.dir,
+            seed=corpus.seed,
+            clip_seconds=corpus.clip_seconds,
+            sample_rate=corpus.sample_rate,
+            num_train=corpus.num_train,
+            num_val=corpus.num_val,
+            num_test=corpus.num_test,
+            num_test_novel=corpus.num_test_novel,
+        )
+        log("corpus", f"synthetic corpus ready at {path} ({time.perf_counter() - start:.1f} s)")
+        return [ManifestSource(path=str(path), weight=1.0)]
+    if cfg.data.source == "manifest":
+        if not cfg.data.manifests:
+            raise ValueError("data.source is 'manifest' but data.manifests is empty: list at least one manifest")
+        return parse_manifest_sources(container(cfg.data.manifests))
+    raise ValueError(f"data.source must be 'synthetic' or 'manifest', got {cfg.data.source!r}")
+
+
+def audio_datamodule(cfg: DictConfig, sources: list[ManifestSource], batch_size: int | None = None) -> AudioCapsDataModule:
+    data = cfg.data
+    return AudioCapsDataModule(
+        manifests=sources,
+        sample_rate=data.sample_rate,
+        clip_seconds=data.clip_seconds,
+        batch_size=batch_size or data.batch_size,
+        num_workers=data.num_workers,
+        seed=cfg.seed,
+        train_split=data.train_split,
+        val_split=data.val_split,
+        test_split=data.test_split,
+    )
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    max_steps: int,
+    val_every_steps: int,
+    callbacks: list[L.Callback],
+    ckpt_every_steps: int | None = None,
+) -> L.Trainer:
+    """A Lightning Trainer writing TensorBoard logs and checkpoints into ``run_dir``."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    trainer_cfg = cfg.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=ckpt_every_steps or val_every_steps,
+        save_top_k=-1 if ckpt_every_steps else 1,
+        save_last=True,
+    )
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_steps=max_steps,
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        strategy=trainer_cfg.strategy,
+        num_nodes=trainer_cfg.num_nodes,
+        precision=trainer_cfg.precision,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip,
+        val_check_interval=val_every_steps,
+        check_val_every_n_epoch=None,
+        limit_val_batches=trainer_cfg.limit_val_batches,
+        log_every_n_steps=trainer_cfg.log_every_steps,
+        logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False),
+        callbacks=[*callbacks, checkpoint, LearningRateMonitor(logging_interval="step")],
+        plugins=[AtomicCheckpointIO()],
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+
+
+def resolve_resume(cfg: DictConfig) -> str | None:
+    """``trainer.resume``: null, a checkpoint path, or ``last`` (this experiment's newest run)."""
+    resume = cfg.trainer.resume
+    if resume is None:
+        return None
+    if resume == "last":
+        path = last_run_dir(cfg.run.root, cfg.experiment) / "checkpoints" / "last.ckpt"
+    else:
+        path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"trainer.resume: checkpoint {path} does not exist")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- VAE
+
+
+def mel_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return container(cfg.mel)
+
+
+def vae_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    vae = cfg.vae
+    return dict(
+        latent_channels=vae.latent_channels,
+        block_out_channels=list(vae.block_out_channels),
+        layers_per_block=vae.layers_per_block,
+        norm_num_groups=vae.norm_num_groups,
+    )
+
+
+def vocoder_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    voc = cfg.vocoder
+    if voc.kind == "griffin_lim":
+        return {"type": "griffin_lim", "n_iter": voc.griffin_lim_iters}
+    if voc.kind == "hifigan":
+        if not voc.pretrained_dir:
+            raise ValueError("vocoder.kind is 'hifigan' but vocoder.pretrained_dir is null: point it at a local HiFi-GAN dir")
+        return {"type": "hifigan", "dir": voc.pretrained_dir}
+    raise ValueError(f"vocoder.kind must be 'griffin_lim' or 'hifigan', got {voc.kind!r}")
+
+
+def train_mel_vae(cfg: DictConfig, experiment: str | None = None) -> Path:
+    """Train the mel-VAE and export the pretransform to ``<run_dir>/pretransform``."""
+    set_threads(cfg)
+    if experiment is not None:
+        OmegaConf.set_struct(cfg, False)
+        cfg = cfg.copy()
+        cfg.experiment = experiment
+        OmegaConf.set_struct(cfg, True)
+    run_dir = make_run_dir(cfg)
+    log("vae", f"run directory: {run_dir}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    sources = manifest_sources(cfg)
+    datamodule = audio_datamodule(cfg, sources)
+    system = MelVAESystem(
+        mel_cfg=mel_kwargs(cfg),
+        vae_cfg=vae_kwargs(cfg),
+        vocoder_cfg={"type": "griffin_lim", "n_iter": cfg.vocoder.griffin_lim_iters},
+        lr=cfg.vae_train.lr,
+        kl_weight=cfg.vae_train.kl_weight,
+    )
+    trainer = build_trainer(cfg, run_dir, cfg.vae_train.max_steps, cfg.vae_train.val_every_steps, callbacks=[])
+    start = time.perf_counter()
+    trainer.fit(system, datamodule=datamodule)
+    log("vae", f"trained {trainer.global_step} steps in {time.perf_counter() - start:.0f} s")
+    export_dir = run_dir / "pretransform"
+    system.export_pretransform(export_dir)
+    log("vae", f"pretransform exported to {export_dir}")
+    return run_dir
+
+
+def load_or_train_pretransform(cfg: DictConfig) -> MelVAEPretransform:
+    """Pretrained AudioLDM weights (``vae.pretrained_dir``), else the VAE exported at
+    ``vae.dir`` — trained first (as experiment ``vae.experiment``) when missing and
+    ``vae.train_if_missing`` is set."""
+    vae = cfg.vae
+    if vae.pretrained_dir:
+        log("vae", f"loading pretrained VAE from {vae.pretrained_dir}")
+        voc = cfg.vocoder
+        vocoder_dir = voc.pretrained_dir if voc.kind == "hifigan" else None
+        return MelVAEPretransform.from_pretrained(
+            vae.pretrained_dir, vocoder_dir=vocoder_dir, mel_cfg=mel_kwargs(cfg), vocoder_cfg=vocoder_kwargs(cfg)
+        )
+    directory = Path(vae.dir)
+    if not (directory / "pretransform.json").is_file():
+        if not vae.train_if_missing:
+            raise FileNotFoundError(
+                f"vae.dir {directory} holds no trained pretransform; train one with `make train EXP={vae.experiment}`, "
+                "set vae.train_if_missing=true, or set vae.pretrained_dir"
+            )
+        log("vae", f"no trained VAE at {directory}: training it first (experiment {vae.experiment})")
+        vae_cfg = cfg.copy()
+        OmegaConf.set_struct(vae_cfg, False)
+        vae_cfg.task = "mel_vae"
+        train_mel_vae(vae_cfg, experiment=vae.experiment)
+    directory = directory.resolve()  # pin the run that `last` points to now
+    log("vae", f"loading pretransform from {directory}")
+    OmegaConf.set_struct(cfg, False)
+    cfg.vae.dir = str(directory)  # saved with the LM, so a newer VAE run cannot silently replace it
+    OmegaConf.set_struct(cfg, True)
+    return MelVAEPretransform.load(directory, vocoder_cfg=vocoder_kwargs(cfg))
+
+
+# ---------------------------------------------------------------------------- latent cache
+
+
+def cache_dir_for(cfg: DictConfig, fingerprint: dict[str, Any]) -> Path:
+    if cfg.cache.dir:
+        return Path(cfg.cache.dir)
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.run.data_root) / "cache" / digest
+
+
+def cache_fingerprint(cfg: DictConfig, pretransform: MelVAEPretransform, sources: list[ManifestSource]) -> dict[str, Any]:
+    """What the cached latents depend on: the VAE weights and front end, the audio and its cropping."""
+    return {
+        "pretransform": pretransform.fingerprint(),
+        "manifests": [str(Path(s.path).resolve()) for s in sources],
+        "sample_rate": cfg.data.sample_rate,
+        "clip_seconds": cfg.data.clip_seconds,
+    }
+
+
+@torch.no_grad()
+def ensure_latent_cache(cfg: DictConfig, pretransform: MelVAEPretransform, sources: list[ManifestSource]) -> Path:
+    """Encode every clip of the configured splits once (posterior mean and std); resumable."""
+    fingerprint = cache_fingerprint(cfg, pretransform, sources)
+    cache_dir = cache_dir_for(cfg, fingerprint)
+    writer = LatentCacheWriter(cache_dir, fingerprint=fingerprint, shard_size=cfg.cache.shard_size)
+    if writer.is_complete():
+        log("cache", f"latent cache complete at {cache_dir}")
+        return cache_dir
+    start = time.perf_counter()
+    datamodule = audio_datamodule(cfg, sources, batch_size=cfg.cache.batch_size)
+    pretransform.eval()
+    encoded = 0
+    for split in cfg.cache.splits:
+        loader = datamodule.split_dataloader(split, exclude_ids=writer.finished_ids())
+        if loader is None:
+            continue
+        for batch in loader:
+            mean, std, token_mask = pretransform.encode_moments(batch["wave"], batch["wave_mask"])
+            writer.add(
+                ids=batch["ids"],
+                mean=mean,
+                std=std,
+                token_mask=token_mask,
+                captions=batch["all_captions"],
+                labels=batch["labels"],
+                split=split,
+            )
+            encoded += len(batch["ids"])
+    writer.finish(train_split=cfg.data.train_split)
+    log("cache", f"encoded {encoded} clips into {cache_dir} in {time.perf_counter() - start:.0f} s")
+    return cache_dir
+
+
+# ---------------------------------------------------------------------------- language model
+
+
+def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float, generator_seed: int):
+    """``render(system, captions) -> waves (B, S)``: generate tokens, denormalise, decode to audio."""
+    sample = cfg.sample
+
+    def render(system: AudioLMSystem, captions: list[str]) -> torch.Tensor:
+        num_tokens = max(1, round(seconds * pretransform.tokens_per_second))
+        generator = torch.Generator(device=system.device).manual_seed(generator_seed)
+        use_bf16 = str(cfg.trainer.precision).startswith("bf16")
+        # One autocast region around the whole sampling loop (entering it per step re-casts weights).
+        with torch.autocast(device_type=system.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            tokens = system.generate_tokens(
+                captions, num_tokens, cfg_scale=sample.cfg_scale, temperature=sample.temperature,
+                num_steps=sample.steps, generator=generator,
+            )
+        latents = system.denormalize(tokens.float())
+        pretransform.to(system.device)
+        return pretransform.decode(latents, normalized=False).float().cpu()
+
+    return render
+
+
+def held_out_captions(cache: LatentCache, cfg: DictConfig, count: int) -> list[str]:
+    """Up to ``count`` first captions of test-like splits (test, then test_novel), alternating."""
+    pools = [cache.first_captions(split) for split in (cfg.data.test_split, "test_novel", cfg.data.val_split)]
+    pools = [p for p in pools if p]
+    captions: list[str] = []
+    index = 0
+    while len(captions) < count and any(index < len(p) for p in pools):
+        for pool in pools:
+            if index < len(pool) and len(captions) < count:
+                captions.append(pool[index])
+        index += 1
+    return captions
+
+
+def build_audio_lm(cfg: DictConfig, cache: LatentCache, run_dir: Path, pretransform_fingerprint: str) -> AudioLMSystem:
+    """A fresh system (tokenizer trained on the cache's training captions when text.kind is
+    scratch) with the cache's latent statistics, optionally initialised from a checkpoint."""
+    sp_model_path = None
+    if cfg.text.kind == "scratch":
+        captions = cache.all_captions(cfg.data.train_split)
+        sp_model_path = train_sentencepiece(captions, run_dir / "text" / "spm", cfg.text.vocab_size)
+        log("text", f"sentencepiece tokenizer trained on {len(captions)} captions: {sp_model_path}")
+    system = AudioLMSystem(
+        container(cfg),
+        sp_model_path=str(sp_model_path) if sp_model_path else None,
+        pretransform_fingerprint=pretransform_fingerprint,
+    )
+    mean, std = cache.token_stats()
+    system.set_latent_stats(mean, std)
+    if cfg.model.init_from:
+        state = torch.load(cfg.model.init_from, map_location="cpu", weights_only=False)["state_dict"]
+        missing, unexpected = system.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"model.init_from {cfg.model.init_from}: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        log("model", f"initialised weights from {cfg.model.init_from}")
+    return system
+
+
+def train_audio_lm(cfg: DictConfig) -> Path:
+    """The whole pipeline: data → pretransform → latent cache → language model → samples."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    set_threads(cfg)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    sources = manifest_sources(cfg)
+    timings["corpus"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    pretransform = load_or_train_pretransform(cfg)
+    if pretransform.token_dim != cfg.model.token_dim:
+        raise ValueError(
+            f"model.token_dim={cfg.model.token_dim} but the pretransform makes tokens of {pretransform.token_dim} values"
+        )
+    timings["vae"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    cache_dir = ensure_latent_cache(cfg, pretransform, sources)
+    timings["cache"] = time.perf_counter() - start
+
+    run_dir = make_run_dir(cfg)
+    log("lm", f"run directory: {run_dir}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cache = LatentCache(cache_dir)
+    datamodule = LatentDataModule(
+        cache_dir,
+        batch_size=cfg.trainer.batch_size,
+        num_workers=cfg.trainer.num_workers,
+        max_tokens=cfg.model.max_tokens,
+        seed=cfg.seed,
+        train_split=cfg.data.train_split,
+        val_split=cfg.data.val_split,
+    )
+    system = build_audio_lm(cfg, cache, run_dir, pretransform.fingerprint())
+    counts = system.parameter_summary()
+    log("model", "trainable parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+
+    captions = held_out_captions(cache, cfg, cfg.sample.num_captions)
+    samples = AudioSamplesCallback(
+        captions,
+        render_fn(cfg, pretransform, cfg.sample.seconds, cfg.seed),
+        sample_rate=pretransform.sample_rate,
+        out_dir=run_dir / "samples",
+        every_n_steps=cfg.sample.every_steps,
+        settings=container(cfg.sample),
+    )
+    ema = EMAWeightAveraging(
+        decay=cfg.optim.ema_decay, update_starting_at_step=cfg.optim.ema_start_step, use_buffers=True
+    )
+    trainer = build_trainer(
+        cfg,
+        run_dir,
+        cfg.trainer.max_steps,
+        cfg.trainer.val_every_steps,
+        callbacks=[ema, samples],  # EMA first: the samples callback then sees the averaged weights
+        ckpt_every_steps=cfg.trainer.ckpt_every_steps,
+    )
+    start = time.perf_counter()
+    trainer.fit(system, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
+    timings["lm"] = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary = {"timings_s": timings, "final_metrics": metrics, "samples": str(run_dir / "samples")}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    log("lm", f"stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    log("lm", f"final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/" in k and "by_t" not in k))
+    log("lm", f"samples with their captions: {run_dir / 'samples'}")
+    return run_dir
+
+
+def run_task(cfg: DictConfig) -> Path:
+    """Dispatch on ``cfg.task``."""
+    if cfg.task == "audio_lm":
+        return train_audio_lm(cfg)
+    if cfg.task == "mel_vae":
+        return train_mel_vae(cfg)
+    if cfg.task == "evaluator":
+        from experiments.evaluator import train_evaluator
+
+        return train_evaluator(cfg)
+    raise ValueError(f"task must be audio_lm, mel_vae or evaluator, got {cfg.task!r}")
+
+
+def load_pretransform_for(cfg: DictConfig) -> MelVAEPretransform:
+    """The pretransform a trained LM's config names (never trains one)."""
+    OmegaConf.set_struct(cfg, False)
+    cfg = cfg.copy()
+    cfg.vae.train_if_missing = False
+    return load_or_train_pretransform(cfg)
+
+
+def check_pretransform(system: AudioLMSystem, pretransform: MelVAEPretransform) -> None:
+    """Refuse to decode with a VAE other than the one the LM was trained on."""
+    expected = system.hparams.get("pretransform_fingerprint")
+    if expected and expected != pretransform.fingerprint():
+        raise ValueError(
+            f"the checkpoint was trained on latents of VAE {expected}, but the configured VAE is "
+            f"{pretransform.fingerprint()} (vae.dir={system.cfg.vae.dir}, vae.pretrained_dir={system.cfg.vae.pretrained_dir})"
+        )

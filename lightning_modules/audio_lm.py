@@ -1,0 +1,278 @@
+"""The audio language model system: AudioNTP and AudioMNTP in one LightningModule.
+
+It owns three plain ``nn.Module`` parts and wires them together:
+
+- ``text``: a :class:`TextConditioner` turning captions into a prefix (B, L, D);
+- ``decoder``: the :class:`CausalDecoder` over ``[prefix][BOS][tokens]`` with a KV cache;
+- ``head``: the per-token :class:`DiffusionHead` modelling p(x_t | z).
+
+Training reads batches of *normalised* VAE-latent tokens (from the latent cache):
+``tokens`` (B, N, token_dim), ``token_mask`` (B, N) bool, ``captions`` list[str].
+Masked next-token prediction (MNTP) is the same step with a mask ratio r > 0 drawn per
+sample (``mntp.*`` keys); r = 0 is plain next-token prediction (NTP), through the same code.
+
+The system never reads audio, never calls the VAE and never calls ``.cuda()``; decoding
+tokens to audio is the pretransform's job (see ``experiments/generate.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_modules.parts.decoder import CausalDecoder, count_parameters, decay_parameter_groups
+from lightning_modules.parts.diffusion_head import DiffusionHead
+from lightning_modules.parts.masking import MaskRatioSampler, make_mntp_inputs
+from lightning_modules.parts.text_conditioning import apply_text_dropout, build_text_conditioner
+
+NUM_TIMESTEP_BUCKETS = 10  # loss is also logged per tenth of the diffusion timestep range
+
+
+class AudioLMSystem(L.LightningModule):
+    """Text prefix → causal decoder → diffusion head, trained with NTP or MNTP.
+
+    Args:
+        config: the whole resolved experiment config as a plain dict (stored in every
+            checkpoint via ``save_hyperparameters``); the keys used are ``text``, ``model``,
+            ``mntp``, ``optim`` and ``sample``.
+        sp_model_path: sentencepiece model for the from-scratch text encoder (only needed
+            when the system is first built; checkpoints carry the tokenizer themselves).
+        pretransform_fingerprint: identity of the VAE whose latents the model is trained on;
+            generation refuses to decode with another one.
+    """
+
+    def __init__(
+        self, config: dict[str, Any], sp_model_path: str | None = None, pretransform_fingerprint: str | None = None
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        cfg = OmegaConf.create(config)
+        self.cfg: DictConfig = cfg
+        model = cfg.model
+        self.token_dim = int(model.token_dim)
+        self.text = build_text_conditioner(cfg.text, out_dim=model.width, sp_model_path=sp_model_path)
+        self.decoder = CausalDecoder(
+            token_dim=self.token_dim,
+            width=model.width,
+            depth=model.depth,
+            heads=model.heads,
+            mlp_ratio=model.mlp_ratio,
+            max_prefix_len=self.text.max_len,
+            max_tokens=model.max_tokens,
+            dropout=model.dropout,
+            target_embedding=cfg.mntp.target_embedding,
+        )
+        self.head = DiffusionHead(
+            token_dim=self.token_dim,
+            cond_dim=model.width,
+            width=model.head.width,
+            depth=model.head.depth,
+            num_train_steps=model.head.num_train_steps,
+            schedule=model.head.schedule,
+            batch_mul=model.head.batch_mul,
+            sampler=cfg.sample.sampler,
+            num_sample_steps=cfg.sample.steps,
+            clip_x0=model.head.clip_x0,
+        )
+        # Learned "no text" prefix for classifier-free guidance: (L, D).
+        self.null_prefix = nn.Parameter(torch.randn(self.text.max_len, model.width) * 0.02)
+        self.ratio_sampler = MaskRatioSampler(**OmegaConf.to_container(cfg.mntp.ratio, resolve=True))
+        # Statistics of the un-normalised latent tokens (from the training split of the cache),
+        # kept with the model so generated tokens can be mapped back for the VAE decoder.
+        self.register_buffer("latent_mean", torch.zeros(self.token_dim))
+        self.register_buffer("latent_std", torch.ones(self.token_dim))
+
+    def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the (token_dim,) mean and std the training tokens were normalised with."""
+        if mean.shape != (self.token_dim,) or std.shape != (self.token_dim,):
+            raise ValueError(f"latent stats must have shape ({self.token_dim},), got {tuple(mean.shape)}, {tuple(std.shape)}")
+        self.latent_mean.copy_(mean)
+        self.latent_std.copy_(std)
+
+    def denormalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens (B, N, token_dim) → VAE latent tokens."""
+        return tokens * self.latent_std + self.latent_mean
+
+    # ------------------------------------------------------------------ text prefix
+
+    def encode_text(self, captions: list[str], drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → prefix (B, L, D) and mask (B, L); rows where ``drop`` (B,) is True get the null prefix."""
+        tokenized = {k: v.to(self.device) for k, v in self.text.tokenize(captions).items()}
+        prefix, mask = self.text(tokenized)
+        if drop is not None and bool(drop.any()):
+            prefix, mask = apply_text_dropout(prefix, mask, self.null_prefix, drop.to(self.device))
+        return prefix, mask
+
+    def null_text(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional prefix repeated: (B, L, D) and an all-valid mask (B, L)."""
+        prefix = self.null_prefix.unsqueeze(0).expand(batch_size, -1, -1)
+        mask = torch.ones(batch_size, self.text.max_len, dtype=torch.bool, device=self.device)
+        return prefix, mask
+
+    # ------------------------------------------------------------------ training
+
+    def _step_generator(self, salt: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, global step, rank, salt): reproducible masks and dropout."""
+        seed = int(self.cfg.seed) * 1_000_003 + int(self.global_step) * 7919 + self.global_rank * 104_729 + salt
+        return torch.Generator().manual_seed(seed)
+
+    def diffusion_loss(
+        self, batch: dict[str, Any], ratios: torch.Tensor, generator: torch.Generator, p_uncond: float
+    ) -> dict[str, torch.Tensor]:
+        """The (M)NTP loss of a batch.
+
+        Args:
+            batch: ``tokens`` (B, N, token_dim), ``token_mask`` (B, N) bool, ``captions`` list[str].
+            ratios: (B,) mask ratio per sample (zeros: plain NTP).
+            generator: CPU generator for token dropping and text dropout.
+            p_uncond: probability of replacing a sample's caption with the null prefix.
+
+        Returns:
+            dict with ``loss`` (scalar), ``per_sample`` (K,) losses of every (target, t, ε)
+            draw and ``t`` (K,) their timesteps.
+        """
+        tokens, token_mask = batch["tokens"], batch["token_mask"]
+        batch_size = tokens.shape[0]
+        drop = torch.rand(batch_size, generator=generator) < p_uncond
+        prefix, prefix_mask = self.encode_text(batch["captions"], drop)
+        inputs = make_mntp_inputs(
+            tokens,
+            token_mask,
+            ratios.to(tokens.device),
+            mode=self.cfg.mntp.mode,
+            predict_skipped=self.cfg.mntp.predict_skipped,
+            generator=generator,
+        )
+        z = self.decoder(
+            prefix, prefix_mask, inputs.tokens, inputs.position_ids, inputs.target_ids, inputs.token_mask
+        )  # (B, M+1, W)
+        valid = inputs.target_mask  # (B, M+1)
+        return self.head.loss(inputs.target_tokens[valid].float(), z[valid])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        generator = self._step_generator(salt=0)
+        ratios = self.ratio_sampler.sample(batch["tokens"].shape[0], generator)
+        out = self.diffusion_loss(batch, ratios, generator, p_uncond=float(self.cfg.text.p_uncond))
+        batch_size = batch["tokens"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
+        self.log("train/mask_ratio", ratios.mean(), batch_size=batch_size)
+        self._log_loss_by_timestep("train", out, batch_size)
+        return out["loss"]
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Next-token diffusion loss with the captions kept and noise drawn from a fixed seed,
+        so NTP and MNTP runs are compared on the same quantity."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(self.cfg.seed) + batch_idx)
+            generator = torch.Generator().manual_seed(int(self.cfg.seed) + batch_idx)
+            zeros = torch.zeros(batch["tokens"].shape[0])
+            out = self.diffusion_loss(batch, zeros, generator, p_uncond=0.0)
+        batch_size = batch["tokens"].shape[0]
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self._log_loss_by_timestep("val", out, batch_size)
+
+    def _log_loss_by_timestep(self, stage: str, out: dict[str, torch.Tensor], batch_size: int) -> None:
+        num_steps = self.head.num_train_steps
+        bucket = (out["t"].float() * NUM_TIMESTEP_BUCKETS / num_steps).long().clamp_(max=NUM_TIMESTEP_BUCKETS - 1)
+        per_sample = out["per_sample"].detach().float()
+        for b in range(NUM_TIMESTEP_BUCKETS):
+            sel = bucket == b
+            if sel.any():
+                self.log(
+                    f"{stage}_loss_by_t/{b * 100 // NUM_TIMESTEP_BUCKETS:02d}",
+                    per_sample[sel].mean(),
+                    batch_size=batch_size,
+                    sync_dist=stage == "val",
+                )
+
+    def configure_optimizers(self):
+        optim = self.cfg.optim
+        groups = decay_parameter_groups(self, optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
+        warmup = int(optim.warmup_steps)
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            if optim.schedule == "constant" or total <= warmup:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        captions: list[str],
+        num_tokens: int,
+        cfg_scale: float | None = None,
+        temperature: float | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Autoregressive sampling with the KV cache: NTP inference (target = current + 1),
+        for NTP and MNTP models alike.
+
+        Args:
+            captions: B prompts.
+            num_tokens: N tokens to generate (25 per second with the AudioLDM VAE).
+            cfg_scale: classifier-free guidance scale on the predicted noise (1 = none).
+            temperature: scales the per-step noise of the diffusion sampler.
+            num_steps: reverse diffusion steps per token.
+            generator: torch generator on ``self.device`` for reproducible samples.
+
+        Returns:
+            tokens (B, N, token_dim) in the normalised latent space.
+        """
+        sample_cfg = self.cfg.sample
+        cfg_scale = float(sample_cfg.cfg_scale if cfg_scale is None else cfg_scale)
+        temperature = float(sample_cfg.temperature if temperature is None else temperature)
+        if num_tokens > self.decoder.max_tokens:
+            raise ValueError(f"num_tokens={num_tokens} exceeds model.max_tokens={self.decoder.max_tokens}")
+        batch_size = len(captions)
+        guided = cfg_scale != 1.0
+        prefix, prefix_mask = self.encode_text(captions)
+        if guided:  # conditional rows first, unconditional rows second, one batch
+            null_prefix, null_mask = self.null_text(batch_size)
+            prefix = torch.cat([prefix, null_prefix.to(prefix.dtype)])
+            prefix_mask = torch.cat([prefix_mask, null_mask])
+        rows = prefix.shape[0]
+        cache = self.decoder.make_cache(rows, prefix.shape[1] + 1 + num_tokens, self.device, prefix.dtype)
+        z = self.decoder.prefill(prefix, prefix_mask, cache, target_id=0)  # (rows, W)
+        out = torch.empty(batch_size, num_tokens, self.token_dim, device=self.device)
+        for i in range(num_tokens):
+            z_cond, z_uncond = (z[:batch_size], z[batch_size:]) if guided else (z, None)
+            x = self.head.sample(
+                z_cond, z_uncond, cfg_scale=cfg_scale, temperature=temperature, num_steps=num_steps, generator=generator
+            )  # (B, token_dim)
+            out[:, i] = x.float()
+            if i + 1 < num_tokens:
+                step_in = torch.cat([x, x]) if guided else x
+                z = self.decoder.step(step_in.to(prefix.dtype), position_id=i, target_id=i + 1, cache=cache)
+        return out
+
+    def forward(self, captions: list[str], num_tokens: int, **kwargs) -> torch.Tensor:
+        """Inference: ``generate_tokens``."""
+        return self.generate_tokens(captions, num_tokens, **kwargs)
+
+    def parameter_summary(self) -> dict[str, int]:
+        """Trainable parameter counts by part (frozen pretrained encoders excluded)."""
+        return {
+            "text": count_parameters(self.text),
+            "decoder": count_parameters(self.decoder),
+            "head": count_parameters(self.head),
+            "null_prefix": self.null_prefix.numel(),
+            "total": count_parameters(self),
+        }
