@@ -337,13 +337,10 @@ def build_audio_lm(cfg: DictConfig, cache: LatentCache, run_dir: Path, pretransf
     sp_model_path = None
     if cfg.text.kind == "scratch":
         captions = cache.all_captions(cfg.data.train_split)
-        sp_model_path = train_sentencepiece(captions, run_dir / "text" / "spm", cfg.text.vocab_size)
-        log("text", f"sentencepiece tokenizer trained on {len(captions)} captions: {sp_model_path}")
-    system = AudioLMSystem(
-        container(cfg),
-        sp_model_path=str(sp_model_path) if sp_model_path else None,
-        pretransform_fingerprint=pretransform_fingerprint,
-    )
+        sp_model_path = str(train_sentencepiece(captions, str(run_dir / "text" / "spm"), cfg.text.vocab_size))
+    system = AudioLMSystem(container(cfg), sp_model_path=sp_model_path, pretransform_fingerprint=pretransform_fingerprint)
+    if sp_model_path:
+        log("text", f"sentencepiece tokenizer ({system.text.vocab_size} pieces) trained on {len(captions)} captions")
     mean, std = cache.token_stats()
     system.set_latent_stats(mean, std)
     if cfg.model.init_from:

@@ -42,12 +42,18 @@ class AudioLMSystem(L.LightningModule):
             ``mntp``, ``optim`` and ``sample``.
         sp_model_path: sentencepiece model for the from-scratch text encoder (only needed
             when the system is first built; checkpoints carry the tokenizer themselves).
+        text_vocab_size: its vocabulary size (restores the text encoder when the
+            sentencepiece file is gone: the checkpoint holds the tokenizer).
         pretransform_fingerprint: identity of the VAE whose latents the model is trained on;
             generation refuses to decode with another one.
     """
 
     def __init__(
-        self, config: dict[str, Any], sp_model_path: str | None = None, pretransform_fingerprint: str | None = None
+        self,
+        config: dict[str, Any],
+        sp_model_path: str | None = None,
+        text_vocab_size: int | None = None,
+        pretransform_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -55,7 +61,11 @@ class AudioLMSystem(L.LightningModule):
         self.cfg: DictConfig = cfg
         model = cfg.model
         self.token_dim = int(model.token_dim)
-        self.text = build_text_conditioner(cfg.text, out_dim=model.width, sp_model_path=sp_model_path)
+        self.text = build_text_conditioner(
+            cfg.text, out_dim=model.width, sp_model_path=sp_model_path, vocab_size=text_vocab_size
+        )
+        if hasattr(self.text, "vocab_size"):  # lets a checkpoint rebuild the encoder without the .model file
+            self.hparams["text_vocab_size"] = self.text.vocab_size
         self.decoder = CausalDecoder(
             token_dim=self.token_dim,
             width=model.width,

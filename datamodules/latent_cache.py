@@ -1,0 +1,484 @@
+"""The latent cache: pre-encoded VAE posteriors on disk, and the DataModule that reads them.
+
+No model code here: the caller encodes audio with the pretransform and feeds the
+writer (``experiments/`` owns that loop). Layout of ``cache_dir``::
+
+    index.json        format version, fingerprint (what built the cache), dtype, token_dim,
+                      finished shards with their clip ids, ``complete`` flag
+    shard_00000.pt    torch.save dict of lists, one entry per clip:
+                        ids [str], mean [(N_i, D)], std [(N_i, D)] (dtype float16|float32),
+                        captions [[str]], labels [any JSON-like], split [str]
+                      N_i = valid tokens of the clip (padding is never stored)
+    stats.json        per-token-dim mean/std ``(D,)`` over the valid tokens of the
+                      ``stats_split`` (train) clips only, written by ``finalize()``
+
+Every file is written to a temporary name and ``os.replace``-d, shard first, then the
+index, so an interrupted run leaves a consistent cache; the clips still buffered in
+memory are simply encoded again on resume. Stats are those of posterior *samples*:
+``mean_d = E[μ_d]``, ``std_d = sqrt(Var[μ_d] + E[σ_d²])``.
+
+Caller side (sketch of ``experiments/cache.py``)::
+
+    writer = LatentCacheWriter(cache_dir, fingerprint={"vae": pretransform.fingerprint(), "data": data_hash},
+                               shard_size=256, dtype="float16")
+    todo = set(writer.pending([clip.id for clip in clips]))
+    for batch in audio_loader_over(todo):                       # datamodules: wave, wave_mask, captions, ids, labels, split
+        mean, std, token_mask = pretransform.encode_moments(batch["wave"], batch["wave_mask"])
+        for i, clip_id in enumerate(batch["ids"]):
+            writer.add(clip_id, mean[i], std[i], token_mask[i], batch["captions"][i], batch["labels"][i], batch["split"][i])
+    writer.finalize()                                           # last shard + stats.json
+
+Reading: ``LatentDataModule(cache_dir, batch_size, ...)`` -> batches with
+``tokens (B, N, D)`` float32 normalised, ``token_mask (B, N)``, ``captions``, ``ids``, ``labels``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+CACHE_FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+STATS_NAME = "stats.json"
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class CacheMismatchError(ValueError):
+    """The cache on disk was built with something else than what the caller expects."""
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _torch_save_atomic(path: Path, payload: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def describe_fingerprint_difference(cached: dict | str, expected: dict | str) -> str:
+    """Human-readable difference between two fingerprints (dicts are compared key by key)."""
+    if isinstance(cached, dict) and isinstance(expected, dict):
+        lines = []
+        for key in sorted(set(cached) | set(expected), key=str):
+            if cached.get(key, "<absent>") != expected.get(key, "<absent>"):
+                lines.append(f"{key}: cache has {cached.get(key, '<absent>')!r}, expected {expected.get(key, '<absent>')!r}")
+        return "; ".join(lines)
+    return f"cache has {cached!r}, expected {expected!r}"
+
+
+def _check_fingerprint(cache_dir: Path, cached: dict | str, expected: dict | str) -> None:
+    if cached != expected:
+        raise CacheMismatchError(
+            f"latent cache {cache_dir} was built with a different VAE/config ({describe_fingerprint_difference(cached, expected)}). "
+            f"Delete {cache_dir} or point cache.dir at a new folder to rebuild it."
+        )
+
+
+def _load_index(cache_dir: Path) -> dict:
+    path = cache_dir / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {INDEX_NAME} in {cache_dir}: not a latent cache (build it with the cache step)")
+    index = json.loads(path.read_text())
+    if index.get("format_version") != CACHE_FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"{path}: cache format_version {index.get('format_version')}, this code reads {CACHE_FORMAT_VERSION}; rebuild the cache"
+        )
+    return index
+
+
+def _json_roundtrip(value: Any) -> Any:
+    """Normalise tuples etc. so a fingerprint compares equal to its JSON-loaded self."""
+    return json.loads(json.dumps(value))
+
+
+class LatentCacheWriter:
+    """Appends encoded clips to ``cache_dir`` in shards of ``shard_size``; resumable.
+
+    Args:
+        cache_dir: created if absent; if it holds a cache, that cache is resumed.
+        fingerprint: identifies the VAE + data + config (e.g. ``{"vae": pretransform.fingerprint(), ...}``).
+            A cache with another fingerprint or dtype is refused (:class:`CacheMismatchError`).
+        shard_size: clips per shard file.
+        dtype: ``"float16"`` or ``"float32"`` for mean/std.
+        stats_split: the split whose clips define ``stats.json``.
+    """
+
+    def __init__(self, cache_dir: str | Path, fingerprint: dict | str, shard_size: int = 256, dtype: str = "float16", stats_split: str = "train") -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.cache_dir = Path(cache_dir)
+        self.shard_size = shard_size
+        self.dtype = dtype
+        self.fingerprint = _json_roundtrip(fingerprint)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if (self.cache_dir / INDEX_NAME).is_file():
+            self.index = _load_index(self.cache_dir)
+            _check_fingerprint(self.cache_dir, self.index["fingerprint"], self.fingerprint)
+            if self.index["dtype"] != dtype or self.index["stats_split"] != stats_split:
+                raise CacheMismatchError(
+                    f"latent cache {self.cache_dir} has dtype {self.index['dtype']!r} / stats_split {self.index['stats_split']!r}, "
+                    f"asked for {dtype!r} / {stats_split!r}. Delete {self.cache_dir} or use a new cache.dir to rebuild it."
+                )
+        else:
+            self.index = dict(
+                format_version=CACHE_FORMAT_VERSION, fingerprint=self.fingerprint, dtype=dtype, stats_split=stats_split,
+                token_dim=None, shards=[], complete=False,
+            )
+            self._write_index()
+        self._finished_ids = {clip_id for shard in self.index["shards"] for clip_id in shard["ids"]}
+        self._buffer: list[dict] = []
+
+    # ----------------------------------------------------------------- public
+    def pending(self, all_clip_ids: Iterable[str]) -> list[str]:
+        """The ids (in the given order) not yet in a finished shard."""
+        return [clip_id for clip_id in all_clip_ids if clip_id not in self._finished_ids]
+
+    @property
+    def num_finished(self) -> int:
+        return len(self._finished_ids)
+
+    def add(
+        self, clip_id: str, mean: torch.Tensor, std: torch.Tensor, token_mask: torch.Tensor | None, captions: Sequence[str],
+        labels: Any = None, split: str = "train",
+    ) -> None:
+        """Buffer one clip; writes a shard when ``shard_size`` clips are buffered.
+
+        Args:
+            mean, std: ``(N, D)`` un-normalised posterior moments.
+            token_mask: ``(N,)`` bool, valid tokens first then padding (None: all valid).
+                Only the valid prefix is stored.
+            captions: one or more captions; labels: JSON-like (list of str, dict, None).
+        """
+        clip_id = str(clip_id)
+        if clip_id in self._finished_ids or any(record["id"] == clip_id for record in self._buffer):
+            raise ValueError(f"clip {clip_id!r} is already in the cache {self.cache_dir}; use writer.pending(ids) to skip it")
+        if mean.dim() != 2 or mean.shape != std.shape:
+            raise ValueError(f"clip {clip_id!r}: mean/std must both be (N, D), got {tuple(mean.shape)} / {tuple(std.shape)}")
+        length = mean.shape[0]
+        if token_mask is not None:
+            token_mask = token_mask.bool().cpu()
+            length = int(token_mask.sum())
+            if not bool(token_mask[:length].all()):
+                raise ValueError(f"clip {clip_id!r}: token_mask must be valid tokens followed by padding")
+        if length == 0:
+            raise ValueError(f"clip {clip_id!r} has no valid tokens")
+        token_dim = int(mean.shape[1])
+        if self.index["token_dim"] is None:
+            self.index["token_dim"] = token_dim
+        elif self.index["token_dim"] != token_dim:
+            raise CacheMismatchError(f"clip {clip_id!r}: token_dim {token_dim}, cache {self.cache_dir} holds {self.index['token_dim']}")
+        if isinstance(captions, str):
+            captions = [captions]
+        dtype = _DTYPES[self.dtype]
+        self._buffer.append(dict(
+            id=clip_id, mean=mean[:length].detach().to("cpu", dtype).clone(), std=std[:length].detach().to("cpu", dtype).clone(),
+            captions=[str(c) for c in captions], labels=_json_roundtrip(labels), split=str(split),
+        ))
+        self.index["complete"] = False
+        if len(self._buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered clips as a shard, then the index (both atomically)."""
+        if not self._buffer:
+            return
+        name = f"shard_{len(self.index['shards']):05d}.pt"
+        _torch_save_atomic(self.cache_dir / name, {key: [record[key] for record in self._buffer] for key in ("id", "mean", "std", "captions", "labels", "split")})
+        ids = [record["id"] for record in self._buffer]
+        splits: dict[str, int] = {}
+        for record in self._buffer:
+            splits[record["split"]] = splits.get(record["split"], 0) + 1
+        self.index["shards"].append(dict(file=name, ids=ids, splits=splits))
+        self._write_index()
+        self._finished_ids.update(ids)
+        self._buffer = []
+
+    def finalize(self) -> dict:
+        """Flush, compute ``stats.json`` from the ``stats_split`` clips, mark the cache complete.
+
+        Returns the stats dict. Raises ``ValueError`` if no clip of ``stats_split`` exists.
+        """
+        self.flush()
+        stats = self._compute_stats()
+        _write_json_atomic(self.cache_dir / STATS_NAME, stats)
+        self.index["complete"] = True
+        self._write_index()
+        return stats
+
+    def __enter__(self) -> "LatentCacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.flush()  # buffered clips are complete: keep them for the resume
+
+    # ----------------------------------------------------------------- internals
+    def _write_index(self) -> None:
+        _write_json_atomic(self.cache_dir / INDEX_NAME, self.index)
+
+    def _compute_stats(self) -> dict:
+        split = self.index["stats_split"]
+        token_dim = self.index["token_dim"]
+        total = total_sq = total_var = None
+        n_tokens = n_clips = 0
+        for shard in self.index["shards"]:
+            if not shard["splits"].get(split):
+                continue
+            data = torch.load(self.cache_dir / shard["file"], weights_only=True)
+            for mean, std, clip_split in zip(data["mean"], data["std"], data["split"]):
+                if clip_split != split:
+                    continue
+                mean, std = mean.double(), std.double()
+                if total is None:
+                    total, total_sq, total_var = (torch.zeros(token_dim, dtype=torch.float64) for _ in range(3))
+                total += mean.sum(0)
+                total_sq += mean.pow(2).sum(0)
+                total_var += std.pow(2).sum(0)
+                n_tokens += mean.shape[0]
+                n_clips += 1
+        if n_clips == 0:
+            raise ValueError(f"latent cache {self.cache_dir}: no clips of split {split!r}; stats need the training clips")
+        mu = total / n_tokens
+        var = (total_sq / n_tokens - mu.pow(2)).clamp(min=0) + total_var / n_tokens
+        return dict(split=split, n_clips=n_clips, n_tokens=n_tokens, mean=mu.tolist(), std=var.clamp(min=1e-12).sqrt().tolist(),
+                    fingerprint=self.fingerprint)
+
+
+class LatentCache:
+    """Read-only view of a finished cache; loads all shards into memory on first use.
+
+    Memory: 2 × clips × tokens × D × bytes (AudioCaps train, 50k × 250 × 128 fp16 ≈ 6 GB);
+    DataLoader workers share it copy-on-write.
+
+    Args:
+        expected_fingerprint: if given, a cache built with another one is refused.
+    """
+
+    def __init__(self, cache_dir: str | Path, expected_fingerprint: dict | str | None = None) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.index = _load_index(self.cache_dir)
+        if expected_fingerprint is not None:
+            _check_fingerprint(self.cache_dir, self.index["fingerprint"], _json_roundtrip(expected_fingerprint))
+        if not self.index.get("complete") or not (self.cache_dir / STATS_NAME).is_file():
+            raise RuntimeError(
+                f"latent cache {self.cache_dir} is incomplete ({len(self.index['shards'])} shards written, no finalize): "
+                "run the cache step again; it resumes where it stopped"
+            )
+        stats = json.loads((self.cache_dir / STATS_NAME).read_text())
+        self.mean = torch.tensor(stats["mean"], dtype=torch.float32)  # (D,)
+        self.std = torch.tensor(stats["std"], dtype=torch.float32)  # (D,)
+        self.stats = stats
+        self._records: dict[str, list[dict]] | None = None
+
+    @property
+    def fingerprint(self) -> dict | str:
+        return self.index["fingerprint"]
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.index["token_dim"])
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({split for shard in self.index["shards"] for split in shard["splits"]})
+
+    def records(self, split: str) -> list[dict]:
+        """Clips of ``split`` in cache order: dicts with id, mean, std, captions, labels, split."""
+        if self._records is None:
+            grouped: dict[str, list[dict]] = {}
+            for shard in self.index["shards"]:
+                path = self.cache_dir / shard["file"]
+                if not path.is_file():
+                    raise FileNotFoundError(f"latent cache shard missing: {path} (listed in {self.cache_dir / INDEX_NAME}); rebuild the cache")
+                data = torch.load(path, weights_only=True)
+                for i, clip_id in enumerate(data["id"]):
+                    record = {key: data[key][i] for key in ("mean", "std", "captions", "labels", "split")}
+                    record["id"] = clip_id
+                    grouped.setdefault(record["split"], []).append(record)
+            self._records = grouped
+        if split not in self._records:
+            raise KeyError(f"latent cache {self.cache_dir} has no clips of split {split!r}; it has {self.splits}")
+        return self._records[split]
+
+    def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Raw latent tokens ``(..., D)`` -> normalised with the train stats."""
+        return (tokens - self.mean) / self.std
+
+    def denormalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens ``(..., D)`` -> raw latents (then ``pretransform.decode(raw, normalized=False)``)."""
+        return tokens * self.std.to(tokens.device) + self.mean.to(tokens.device)
+
+
+class LatentDataset(Dataset):
+    """One clip of a cache split per item, MAR-style: re-sampled from (mean, std) at each access.
+
+    Args:
+        split: cache split name.
+        sample_posterior: draw ``mean + std * ε`` (else the mean).
+        train: random crop + random caption (else crop from the start + first caption,
+            deterministic per index). Defaults to ``split == "train"``.
+        max_tokens: crop longer clips to this, pad shorter ones (``token_mask`` False);
+            None: no crop/pad (the collate pads to the longest clip).
+
+    Item: ``tokens (N, D)`` float32 normalised, ``token_mask (N,)`` bool, ``caption`` str,
+    ``id`` str, ``labels``.
+    """
+
+    def __init__(self, cache: LatentCache, split: str, sample_posterior: bool = True, seed: int = 0, max_tokens: int | None = None, train: bool | None = None) -> None:
+        self.cache = cache
+        self.split = split
+        self.records = cache.records(split)
+        self.sample_posterior = sample_posterior
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.train = split == "train" if train is None else train
+        self._generator: torch.Generator | None = None
+        self._generator_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _rng(self, index: int) -> torch.Generator:
+        if not self.train:  # same draw for the same item every time
+            return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        if self._generator is None or self._generator_pid != os.getpid():
+            # torch.initial_seed() differs per DataLoader worker and per epoch (and follows the global seed).
+            self._generator = torch.Generator().manual_seed((self.seed * 1_000_003 + torch.initial_seed()) % (2**63))
+            self._generator_pid = os.getpid()
+        return self._generator
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        rng = self._rng(index)
+        mean, std = record["mean"].float(), record["std"].float()  # (N, D)
+        length = mean.shape[0]
+        start = 0
+        if self.max_tokens is not None and length > self.max_tokens:
+            if self.train:
+                start = int(torch.randint(0, length - self.max_tokens + 1, (1,), generator=rng))
+            mean, std = mean[start : start + self.max_tokens], std[start : start + self.max_tokens]
+        tokens = mean + std * torch.randn(mean.shape, generator=rng) if self.sample_posterior else mean
+        tokens = self.cache.normalize(tokens)
+        token_mask = torch.ones(tokens.shape[0], dtype=torch.bool)
+        if self.max_tokens is not None and tokens.shape[0] < self.max_tokens:
+            pad = self.max_tokens - tokens.shape[0]
+            tokens = torch.cat([tokens, tokens.new_zeros(pad, tokens.shape[1])])
+            token_mask = torch.cat([token_mask, token_mask.new_zeros(pad)])
+        captions = record["captions"]
+        caption = captions[int(torch.randint(0, len(captions), (1,), generator=rng))] if self.train else captions[0]
+        return dict(tokens=tokens, token_mask=token_mask, caption=caption, id=record["id"], labels=record["labels"])
+
+
+def collate_latents(items: list[dict]) -> dict:
+    """Items -> ``tokens (B, N, D)``, ``token_mask (B, N)`` (padded to the longest), ``captions``, ``ids``, ``labels``."""
+    longest = max(item["tokens"].shape[0] for item in items)
+    token_dim = items[0]["tokens"].shape[1]
+    tokens = torch.zeros(len(items), longest, token_dim)
+    token_mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for row, item in enumerate(items):
+        n = item["tokens"].shape[0]
+        tokens[row, :n] = item["tokens"]
+        token_mask[row, :n] = item["token_mask"]
+    return dict(
+        tokens=tokens, token_mask=token_mask, captions=[item["caption"] for item in items],
+        ids=[item["id"] for item in items], labels=[item["labels"] for item in items],
+    )
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Batches of cached latents for the LM.
+
+    Args:
+        cache_dir: a finished cache.
+        splits: stage -> cache split name; stages ``train``, ``val``, ``test`` (a missing
+            entry or a split absent from the cache means no loader for that stage).
+        max_tokens: crop/pad length (256 = 10.24 s at 25 tokens/s).
+        expected_fingerprint: refuse a cache built with another VAE/config.
+        sample_posterior: re-sample train tokens from the posterior (eval always uses the mean).
+    """
+
+    def __init__(
+        self, cache_dir: str | Path, batch_size: int = 32, num_workers: int = 0, max_tokens: int | None = 256, seed: int = 0,
+        splits: dict[str, str] | None = None, expected_fingerprint: dict | str | None = None, sample_posterior: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.splits = dict(splits or {"train": "train", "val": "val", "test": "test"})
+        self.expected_fingerprint = expected_fingerprint
+        self.sample_posterior = sample_posterior
+        self.drop_last = drop_last
+        self.cache: LatentCache | None = None
+        self.datasets: dict[str, LatentDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache is None:
+            self.cache = LatentCache(self.cache_dir, self.expected_fingerprint)
+        for stage_name, split in self.splits.items():
+            if stage_name in self.datasets or split not in self.cache.splits:
+                continue
+            is_train = stage_name == "train"
+            self.datasets[stage_name] = LatentDataset(
+                self.cache, split, sample_posterior=self.sample_posterior and is_train, seed=self.seed,
+                max_tokens=self.max_tokens, train=is_train,
+            )
+
+    @property
+    def token_dim(self) -> int:
+        if self.cache is None:
+            self.setup()
+        return self.cache.token_dim
+
+    def _loader(self, stage: str) -> DataLoader:
+        if self.cache is None:
+            self.setup()
+        if stage not in self.datasets:
+            raise KeyError(
+                f"no {stage!r} data: splits mapping {self.splits}, cache {self.cache_dir} has splits {self.cache.splits}"
+            )
+        is_train = stage == "train"
+        return DataLoader(
+            self.datasets[stage], batch_size=self.batch_size, shuffle=is_train, drop_last=is_train and self.drop_last,
+            num_workers=self.num_workers, collate_fn=collate_latents, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if is_train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,306 @@
+"""Per-token diffusion head (MAR's DiffLoss in spirit): p(x_i | z_i) for a continuous token.
+
+* Network: an MLP of residual adaLN blocks conditioned on (timestep embedding + cond
+  projection); modulation and output layers are zero-initialised, so at init every block
+  is the identity and the predicted noise is 0.
+* Schedule: cosine (Nichol & Dhariwal 2021), ``num_train_steps`` = 1000, betas clipped at
+  0.999 as in the paper. Training timesteps are 0-based, t in {0, ..., T-1}.
+* Objective: epsilon-prediction, MSE. The variance is *fixed* (the posterior variance
+  ``beta_tilde``, "fixed small"); MAR learns it, which matters little at 100 steps
+  once the first step is made safe (below).
+* Sampling: the T-step chain is respaced to ``num_steps`` evenly spaced timesteps
+  (IDDPM's ``space_timesteps``: round(linspace(0, T-1, n))). DDPM ancestral (default) or
+  DDIM (``ddim_eta``, 0 = deterministic).
+
+The first-step pitfall (DESIGN.md): respacing 1000 -> 100 makes the first reverse step's
+beta ~ 0.99999 (alpha_bar drops from 2.4e-4 to 2.4e-9), and the epsilon-form posterior
+mean ``(x_t - beta / sqrt(1 - abar) * eps) / sqrt(alpha)`` multiplies the epsilon error by
+1 / sqrt(alpha) ~ 300. We always go through the predicted x0 and the posterior mean
+``mu = c0 * x0 + c1 * x_t`` of q(x_{t-1} | x_t, x0), and clamp x0 to ``[-clip_x0, clip_x0]``
+(default 5: tokens are normalised to ~unit variance, so a clean token beyond 5 sigma is
+rare; raise it for heavy-tailed latents, ``None`` disables the safety). With the clamp the
+first step's output is bounded by 5 * c0 + |x_T| * c1 ~ 0.08 + 0.003 |x_T|, plus noise.
+
+Autocast: the chain (x, coefficients, noise) stays in float32 while the network may run
+in bf16 under the caller's autocast; open ONE autocast region around ``sample``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule. Returns alpha_bar (num_steps,) float64 for t = 0..T-1, built from
+    betas_t = min(1 - f(t+1)/f(t), max_beta), f(u) = cos^2(((u/T) + s) / (1 + s) * pi/2)."""
+    def f(u: float) -> float:
+        return math.cos((u / num_steps + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = torch.tensor([min(1 - f(i + 1) / f(i), max_beta) for i in range(num_steps)], dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def respace(alphas_cumprod: torch.Tensor, num_steps: int) -> list[dict]:
+    """Reverse-chain coefficients for ``num_steps`` evenly spaced timesteps.
+
+    Returns one dict per reverse step, from the noisiest to t = 0 (python floats, float64
+    precision): t (original timestep), abar, abar_prev, beta (respaced), var (posterior
+    variance beta_tilde), c_x0 / c_xt (posterior-mean coefficients).
+    """
+    T = alphas_cumprod.shape[0]
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    ts = sorted({round(i * (T - 1) / max(num_steps - 1, 1)) for i in range(num_steps)})
+    if num_steps == 1:
+        ts = [T - 1]
+    ab = alphas_cumprod.tolist()
+    steps = []
+    for i, t in enumerate(ts):
+        abar = ab[t]
+        abar_prev = ab[ts[i - 1]] if i > 0 else 1.0
+        beta = 1.0 - abar / abar_prev
+        steps.append(dict(
+            t=t, abar=abar, abar_prev=abar_prev, beta=beta,
+            var=beta * (1.0 - abar_prev) / (1.0 - abar),
+            c_x0=beta * math.sqrt(abar_prev) / (1.0 - abar),
+            c_xt=(1.0 - abar_prev) * math.sqrt(1.0 - beta) / (1.0 - abar),
+        ))
+    return steps[::-1]
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Integer timestep (N,) -> sinusoidal features (N, freq_dim) -> MLP -> (N, width)."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]  # (N, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class AdaLNBlock(nn.Module):
+    """x + gate * MLP(modulate(LN(x), shift, scale)); (shift, scale, gate) = Linear(SiLU(c))."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))  # zero-initialised
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x, c: (N, width) -> (N, width)."""
+        shift, scale, gate = self.ada(c).chunk(3, dim=-1)  # 3 x (N, width)
+        return x + gate * self.mlp(modulate(self.ln(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    """Linear(modulate(LN(x), shift, scale)); modulation and Linear zero-initialised."""
+
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(c).chunk(2, dim=-1)  # 2 x (N, width)
+        return self.linear(modulate(self.ln(x), shift, scale))
+
+
+class DenoiserMLP(nn.Module):
+    """eps_theta(x_t, t, z): (N, token_dim), (N,), (N, cond_dim) -> (N, token_dim)."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+        super().__init__()
+        self.input_proj = nn.Linear(token_dim, width)
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.blocks = nn.ModuleList([AdaLNBlock(width) for _ in range(depth)])
+        self.final = FinalLayer(width, token_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.time_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:  # zero modulation => every block starts as the identity
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for m in (self.final.ada[-1], self.final.linear):  # zero output => eps_pred = 0 at init
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = self.input_proj.weight.dtype  # also correct for bf16-true weights
+        h = self.input_proj(x.to(dtype))  # (N, width)
+        c = self.time_embed(t) + self.cond_embed(z.to(dtype))  # (N, width)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final(h, c)  # (N, token_dim)
+
+
+# ----------------------------------------------------------------------------- head
+
+
+class DiffusionHead(nn.Module):
+    """Diffusion loss and sampler for one continuous token per row.
+
+    Args:
+        token_dim: size of a token x.
+        cond_dim: size of the decoder output z.
+        width, depth: adaLN MLP size (MAR default 1024 x 3).
+        num_train_steps: T of the training chain.
+        schedule: only "cosine".
+        batch_mul: independent (t, eps) draws per row in :meth:`loss`.
+        sampler: default sampler, "ddpm" (ancestral) or "ddim".
+        num_sample_steps: default number of respaced sampling steps.
+        clip_x0: clamp the predicted x0 to [-clip_x0, clip_x0] while sampling (the
+            first-step safety; None disables it).
+        ddim_eta: DDIM stochasticity (0 = deterministic).
+    """
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 3,
+                 num_train_steps: int = 1000, schedule: str = "cosine", batch_mul: int = 4,
+                 sampler: str = "ddpm", num_sample_steps: int = 100, clip_x0: float | None = 5.0,
+                 ddim_eta: float = 0.0):
+        super().__init__()
+        if schedule != "cosine":
+            raise ValueError(f"only the 'cosine' schedule is implemented, got {schedule!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.token_dim, self.cond_dim = token_dim, cond_dim
+        self.num_train_steps, self.batch_mul = num_train_steps, batch_mul
+        self.sampler, self.num_sample_steps = sampler, num_sample_steps
+        self.clip_x0, self.ddim_eta = clip_x0, ddim_eta
+        self.net = DenoiserMLP(token_dim, cond_dim, width, depth)
+        # float64 on CPU, deliberately not a buffer: .to(bf16) must not round it
+        self.alphas_cumprod = cosine_alphas_cumprod(num_train_steps)
+        self._abar_cache: dict[torch.device, torch.Tensor] = {}
+
+    def _abar(self, device: torch.device) -> torch.Tensor:
+        """alpha_bar as float32 on ``device`` (cached)."""
+        if device not in self._abar_cache:
+            self._abar_cache[device] = self.alphas_cumprod.to(device=device, dtype=torch.float32)
+        return self._abar_cache[device]
+
+    # -------------------------------------------------------------- training
+
+    def loss(self, target: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None = None) -> dict:
+        """Epsilon-prediction loss, ``batch_mul`` noise draws per row.
+
+        Args:
+            target: (N, token_dim) clean tokens x0.
+            z: (N, cond_dim) decoder outputs.
+            weight: (N,) float (e.g. a validity mask) or None.
+        Returns:
+            dict(loss=scalar weighted mean over the N * batch_mul draws,
+                 per_sample=(N * batch_mul,) MSE per draw (float32, detached),
+                 t=(N * batch_mul,) timesteps). Draw r of row i is at index r * N + i.
+        """
+        if target.shape[0] != z.shape[0]:
+            raise ValueError(f"target rows {target.shape[0]} != z rows {z.shape[0]}")
+        x0 = target.float().repeat(self.batch_mul, 1)  # (N*bm, D)
+        z = z.repeat(self.batch_mul, 1)  # (N*bm, C)
+        n = x0.shape[0]
+        t = torch.randint(0, self.num_train_steps, (n,), device=x0.device)
+        eps = torch.randn_like(x0)
+        abar = self._abar(x0.device)[t][:, None]  # (N*bm, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        per_sample = (self.net(x_t, t, z).float() - eps).pow(2).mean(dim=-1)  # (N*bm,)
+        if weight is None:
+            loss = per_sample.mean()
+        else:
+            w = weight.float().repeat(self.batch_mul)
+            loss = (per_sample * w).sum() / w.sum().clamp_min(1e-8)
+        return dict(loss=loss, per_sample=per_sample.detach(), t=t)
+
+    # -------------------------------------------------------------- sampling
+
+    def predict_eps(self, x: torch.Tensor, t: int, z_cond: torch.Tensor, z_uncond: torch.Tensor | None,
+                    cfg_scale: float | torch.Tensor) -> torch.Tensor:
+        """x (B, D) float32, t int -> eps (B, D) float32, with CFG on eps.
+
+        Conditional and unconditional rows go through ONE forward of 2B rows.
+        cfg_scale may be a float or a (B,) tensor (per-row scale).
+        """
+        B = x.shape[0]
+        use_cfg = z_uncond is not None and not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0)
+        if not use_cfg:
+            tt = torch.full((B,), t, dtype=torch.long, device=x.device)
+            return self.net(x, tt, z_cond).float()
+        tt = torch.full((2 * B,), t, dtype=torch.long, device=x.device)
+        eps = self.net(torch.cat([x, x]), tt, torch.cat([z_cond, z_uncond])).float()  # (2B, D)
+        eps_c, eps_u = eps[:B], eps[B:]
+        s = cfg_scale[:, None].float() if torch.is_tensor(cfg_scale) else cfg_scale
+        return eps_u + s * (eps_c - eps_u)
+
+    @torch.no_grad()
+    def sample(self, z_cond: torch.Tensor, z_uncond: torch.Tensor | None = None, cfg_scale: float = 1.0,
+               temperature: float = 1.0, num_steps: int | None = None, sampler: str | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw one token per row by the respaced reverse chain.
+
+        Args:
+            z_cond: (B, cond_dim) conditional decoder outputs.
+            z_uncond: (B, cond_dim) outputs for the null text prefix, or None (no CFG).
+            cfg_scale: s in eps = eps_u + s (eps_c - eps_u); 1 = conditional only.
+            temperature: scales the per-step noise (MAR style; the initial x_T is N(0, I)).
+                No effect on DDIM with eta = 0.
+            num_steps: respaced steps (default ``num_sample_steps``).
+            sampler: "ddpm" or "ddim" (default ``self.sampler``).
+            generator: torch.Generator on z's device, for reproducible noise.
+        Returns:
+            x: (B, token_dim) float32.
+        """
+        sampler = sampler or self.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        steps = respace(self.alphas_cumprod, num_steps or self.num_sample_steps)
+        B, device = z_cond.shape[0], z_cond.device
+
+        def noise() -> torch.Tensor:
+            return torch.randn(B, self.token_dim, device=device, dtype=torch.float32, generator=generator)
+
+        x = noise()  # x_T ~ N(0, I)
+        for st in steps:
+            eps = self.predict_eps(x, st["t"], z_cond, z_uncond, cfg_scale)
+            x0 = (x - math.sqrt(1 - st["abar"]) * eps) / math.sqrt(st["abar"])
+            if self.clip_x0 is not None:
+                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            last = st["t"] == steps[-1]["t"]
+            if sampler == "ddpm":
+                x = st["c_x0"] * x0 + st["c_xt"] * x  # posterior mean of q(x_{t-1} | x_t, x0)
+                if not last:
+                    x = x + (math.sqrt(st["var"]) * temperature) * noise()
+            else:  # DDIM
+                eps_hat = (x - math.sqrt(st["abar"]) * x0) / math.sqrt(1 - st["abar"])  # consistent with clamped x0
+                sigma = self.ddim_eta * math.sqrt(st["var"])
+                x = math.sqrt(st["abar_prev"]) * x0 + math.sqrt(max(1 - st["abar_prev"] - sigma ** 2, 0.0)) * eps_hat
+                if sigma > 0 and not last:
+                    x = x + (sigma * temperature) * noise()
+        return x

@@ -1,0 +1,187 @@
+"""The audio LM system: (M)NTP training step, generation through the KV cache, checkpoints.
+
+The config is the real ``demo`` experiment shrunk to a few thousand parameters.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from experiments.config import load_config
+from lightning_modules.audio_lm import AudioLMSystem
+from lightning_modules.parts.masking import make_mntp_inputs
+from lightning_modules.parts.text_conditioning import train_sentencepiece
+
+CAPTIONS = [
+    "a high pitched beep pulsing",
+    "low hum fading away",
+    "white noise hiss",
+    "a clicking sound followed by a rising sweep",
+    "medium tone steady",
+    "a buzzing square wave fading in",
+] * 4
+TINY = [
+    "model.width=32",
+    "model.depth=2",
+    "model.heads=2",
+    "model.max_tokens=12",
+    "model.token_dim=8",
+    "model.head.width=32",
+    "model.head.depth=1",
+    "model.head.batch_mul=2",
+    "text.width=16",
+    "text.depth=1",
+    "text.heads=2",
+    "text.max_len=10",
+    "text.vocab_size=40",
+    "sample.steps=5",
+]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> str:
+    return str(train_sentencepiece(CAPTIONS, str(tmp_path_factory.mktemp("spm") / "spm"), 40))
+
+
+def make_system(sp_model: str, *overrides: str) -> AudioLMSystem:
+    torch.manual_seed(0)
+    cfg = load_config("demo", [*TINY, *overrides])
+    return AudioLMSystem(OmegaConf.to_container(cfg, resolve=True), sp_model_path=sp_model)
+
+
+def make_batch(batch_size=4, num_tokens=12, token_dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch_size, num_tokens, token_dim, generator=g)
+    lengths = torch.tensor([num_tokens, num_tokens - 3, num_tokens, 5][:batch_size])
+    token_mask = torch.arange(num_tokens)[None] < lengths[:, None]
+    tokens = tokens * token_mask[..., None]
+    return {"tokens": tokens, "token_mask": token_mask, "captions": CAPTIONS[:batch_size]}
+
+
+def test_ntp_step_equals_mntp_step_with_zero_ratio(sp_model, monkeypatch):
+    batch = make_batch()
+    ntp = make_system(sp_model, "mntp.ratio.kind=none")
+    mntp = make_system(sp_model, "mntp.ratio.kind=mixture", "mntp.mode=drop")
+    mntp.load_state_dict(ntp.state_dict())
+    monkeypatch.setattr(mntp.ratio_sampler, "sample", lambda batch_size, generator: torch.zeros(batch_size))
+    losses, grads = [], []
+    for system in (ntp, mntp):
+        torch.manual_seed(1)
+        loss = system.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in system.named_parameters() if p.grad is not None})
+    assert torch.equal(losses[0], losses[1])
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_mntp_changes_the_step(sp_model):
+    """A non-zero ratio really drops tokens: the loss differs from the NTP loss."""
+    batch = make_batch()
+    system = make_system(sp_model, "mntp.ratio.kind=uniform", "mntp.ratio.uniform=[0.5,0.5]")
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    masked = system.diffusion_loss(batch, torch.full((4,), 0.5), g, p_uncond=0.0)["loss"]
+    torch.manual_seed(1)
+    plain = system.diffusion_loss(batch, torch.zeros(4), torch.Generator().manual_seed(0), p_uncond=0.0)["loss"]
+    assert not torch.allclose(masked, plain)
+
+
+def test_no_kept_position_sees_a_later_or_dropped_token(sp_model):
+    """Through gradients: the output at kept position j (original index k_j) depends on no
+    original token with index > k_j, dropped or kept."""
+    system = make_system(sp_model, "mntp.target_embedding=input")
+    batch = make_batch()
+    tokens = batch["tokens"].clone().requires_grad_(True)
+    inputs = make_mntp_inputs(
+        tokens, batch["token_mask"], torch.full((4,), 0.4), mode="drop", generator=torch.Generator().manual_seed(3)
+    )
+    prefix, prefix_mask = system.encode_text(batch["captions"])
+    z = system.decoder(prefix, prefix_mask, inputs.tokens, inputs.position_ids, inputs.target_ids, inputs.token_mask)
+    probe = torch.randn(z.shape[-1])  # z.sum() would be constant: each z row leaves a LayerNorm
+    for b in range(4):
+        for slot in range(1, inputs.tokens.shape[1] + 1):
+            if not inputs.token_mask[b, slot - 1]:
+                continue
+            k = int(inputs.position_ids[b, slot - 1])
+            (grad,) = torch.autograd.grad((z[b, slot] * probe).sum(), tokens, retain_graph=True)
+            later = grad[b, k + 1 :].abs().sum()
+            assert later == 0, f"sample {b} slot {slot} (k={k}) sees a token after it"
+            assert grad[b, k].abs().sum() > 0  # and it does see its own token
+
+
+def test_training_loss_falls_when_overfitting_a_batch(sp_model):
+    system = make_system(sp_model, "optim.lr=0.003")
+    batch = make_batch()
+    optimizer = torch.optim.AdamW(system.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(120):
+        torch.manual_seed(step % 4)  # a few fixed noise draws, so the loss can go down
+        loss = system.diffusion_loss(batch, torch.zeros(4), torch.Generator().manual_seed(0), p_uncond=0.0)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+
+
+def _naive_generate(system: AudioLMSystem, captions, num_tokens, sample_fn):
+    """Recompute the full forward at every step (no cache)."""
+    prefix, prefix_mask = system.encode_text(captions)
+    tokens = torch.zeros(len(captions), 0, system.token_dim)
+    for i in range(num_tokens):
+        z = system.decoder(prefix, prefix_mask, tokens)  # plain NTP ids
+        x = sample_fn(z[:, -1])
+        tokens = torch.cat([tokens, x[:, None]], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("target_embedding", ["output", "input", "none"])
+def test_kv_cache_generation_equals_full_recomputation(sp_model, monkeypatch, target_embedding):
+    system = make_system(sp_model, f"mntp.target_embedding={target_embedding}").eval()
+    proj = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 0.3
+    sample_fn = lambda z: torch.tanh(z @ proj)  # a deterministic stand-in for the diffusion sampler
+    monkeypatch.setattr(system.head, "sample", lambda z_cond, z_uncond=None, **kw: sample_fn(z_cond))
+    captions = CAPTIONS[:3]
+    with torch.no_grad():
+        cached = system.generate_tokens(captions, 10, cfg_scale=1.0)
+        naive = _naive_generate(system, captions, 10, sample_fn)
+    torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_is_seeded_and_guidance_batches_rows(sp_model):
+    system = make_system(sp_model).eval()
+    captions = CAPTIONS[:2]
+    a = system.generate_tokens(captions, 6, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    b = system.generate_tokens(captions, 6, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    c = system.generate_tokens(captions, 6, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 6, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="max_tokens"):
+        system.generate_tokens(captions, 13)
+
+
+def test_checkpoint_round_trip_keeps_tokenizer_and_stats(sp_model, tmp_path):
+    import lightning as L
+
+    system = make_system(sp_model)
+    system.set_latent_stats(torch.arange(8.0), torch.full((8,), 2.0))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(system)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    Path(sp_model).rename(Path(sp_model).with_suffix(".moved"))  # the tokenizer file is gone
+    try:
+        loaded = AudioLMSystem.load_from_checkpoint(ckpt, map_location="cpu")
+    finally:
+        Path(sp_model).with_suffix(".moved").rename(sp_model)
+    assert loaded.text.tokenize(["a high beep"])["input_ids"].equal(system.text.tokenize(["a high beep"])["input_ids"])
+    assert torch.equal(loaded.latent_mean, torch.arange(8.0))
+    for (n1, p1), (n2, p2) in zip(system.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and (not torch.is_tensor(p1) or torch.equal(p1, p2)), n1
