@@ -1,0 +1,177 @@
+"""Latent cache format: round trip, resume, fingerprint refusal, train-only stats, DataModule."""
+
+import json
+
+import pytest
+import torch
+
+from datamodules.latent_cache import (
+    CacheMismatchError,
+    LatentCache,
+    LatentCacheWriter,
+    LatentDataModule,
+    LatentDataset,
+)
+
+D = 6
+FINGERPRINT = {"vae": "abc123", "data": "d1", "token_dim": D}
+
+
+def fake_clips(n: int = 7) -> list[dict]:
+    """Clips with known moments; split: 5 train, 1 val, 1 test; lengths 3..9 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    clips = []
+    for i in range(n):
+        length = 3 + i
+        clips.append(dict(
+            clip_id=f"clip{i}",
+            mean=torch.randn(length + 2, D, generator=generator) + i,  # 2 padded rows
+            std=torch.rand(length + 2, D, generator=generator) * 0.1 + 0.01,
+            token_mask=torch.arange(length + 2) < length,
+            captions=[f"caption {i} a", f"caption {i} b"],
+            labels=[f"label{i}"],
+            split="train" if i < 5 else ("val" if i == 5 else "test"),
+        ))
+    return clips
+
+
+def write_cache(cache_dir, clips, shard_size=3, fingerprint=FINGERPRINT, dtype="float32") -> LatentCacheWriter:
+    writer = LatentCacheWriter(cache_dir, fingerprint, shard_size=shard_size, dtype=dtype)
+    todo = set(writer.pending([c["clip_id"] for c in clips]))
+    for clip in clips:
+        if clip["clip_id"] in todo:
+            writer.add(**clip)
+    writer.finalize()
+    return writer
+
+
+def test_round_trip_and_train_only_stats(tmp_path):
+    clips = fake_clips()
+    write_cache(tmp_path, clips)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [s["file"] for s in index["shards"]] == ["shard_00000.pt", "shard_00001.pt", "shard_00002.pt"]
+    assert index["complete"] and index["token_dim"] == D
+
+    cache = LatentCache(tmp_path, expected_fingerprint=FINGERPRINT)
+    assert cache.splits == ["test", "train", "val"]
+    records = {r["id"]: r for split in cache.splits for r in cache.records(split)}
+    for clip in clips:
+        length = int(clip["token_mask"].sum())
+        torch.testing.assert_close(records[clip["clip_id"]]["mean"], clip["mean"][:length])
+        torch.testing.assert_close(records[clip["clip_id"]]["std"], clip["std"][:length])
+        assert records[clip["clip_id"]]["captions"] == clip["captions"]
+
+    train = [c for c in clips if c["split"] == "train"]
+    means = torch.cat([c["mean"][c["token_mask"]] for c in train]).double()
+    variances = torch.cat([c["std"][c["token_mask"]] for c in train]).double().pow(2)
+    expected_std = (means.var(dim=0, unbiased=False) + variances.mean(dim=0)).sqrt()
+    torch.testing.assert_close(cache.mean.double(), means.mean(dim=0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache.std.double(), expected_std, atol=1e-5, rtol=0)
+    assert cache.stats["n_clips"] == 5  # val and test clips excluded
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    clips = fake_clips()
+    write_cache(tmp_path / "full", clips, dtype="float16")
+
+    writer = LatentCacheWriter(tmp_path / "resumed", FINGERPRINT, shard_size=3, dtype="float16")
+    for clip in clips[:5]:  # "crash" after 5 clips: one shard written, 2 clips lost in the buffer
+        writer.add(**clip)
+    del writer
+    with pytest.raises(RuntimeError, match="incomplete"):
+        LatentCache(tmp_path / "resumed")
+    resumed = LatentCacheWriter(tmp_path / "resumed", FINGERPRINT, shard_size=3, dtype="float16")
+    assert resumed.pending([c["clip_id"] for c in clips]) == [f"clip{i}" for i in range(3, 7)]
+    write_cache(tmp_path / "resumed", clips, dtype="float16")
+
+    full, again = LatentCache(tmp_path / "full"), LatentCache(tmp_path / "resumed")
+    assert full.stats["mean"] == again.stats["mean"] and full.stats["std"] == again.stats["std"]
+    for split in full.splits:
+        for a, b in zip(full.records(split), again.records(split), strict=True):
+            assert a["id"] == b["id"] and a["captions"] == b["captions"] and a["labels"] == b["labels"]
+            assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["std"], b["std"])
+            assert a["mean"].dtype == torch.float16
+
+
+def test_different_fingerprint_is_refused(tmp_path):
+    write_cache(tmp_path, fake_clips())
+    other = dict(FINGERPRINT, vae="zzz999")
+    with pytest.raises(CacheMismatchError, match=r"vae: cache has 'abc123', expected 'zzz999'.*Delete"):
+        LatentCacheWriter(tmp_path, other)
+    with pytest.raises(CacheMismatchError, match="different VAE"):
+        LatentCache(tmp_path, expected_fingerprint=other)
+    with pytest.raises(CacheMismatchError, match="dtype"):
+        LatentCacheWriter(tmp_path, FINGERPRINT, dtype="float16")
+    with pytest.raises(ValueError, match="already in the cache"):
+        LatentCacheWriter(tmp_path, FINGERPRINT, dtype="float32").add(**fake_clips()[0])
+
+
+def test_stats_need_train_clips(tmp_path):
+    clip = dict(fake_clips()[0], split="val")
+    writer = LatentCacheWriter(tmp_path, FINGERPRINT)
+    writer.add(**clip)
+    with pytest.raises(ValueError, match="no clips of split 'train'"):
+        writer.finalize()
+
+
+def test_dataset_sampling_crop_pad_and_captions(tmp_path):
+    clips = fake_clips()
+    write_cache(tmp_path, clips)
+    cache = LatentCache(tmp_path)
+    train = LatentDataset(cache, "train", sample_posterior=True, seed=0, max_tokens=5)
+    item = train[4]  # clip4: 7 tokens -> random crop of 5
+    assert item["tokens"].shape == (5, D) and item["tokens"].dtype == torch.float32 and item["token_mask"].all()
+    assert item["caption"] in clips[4]["captions"]
+    assert not torch.equal(train[4]["tokens"], train[4]["tokens"])  # re-sampled at each access
+    short = train[0]  # clip0: 3 tokens -> padded to 5
+    assert short["token_mask"].tolist() == [True, True, True, False, False]
+    assert (short["tokens"][3:] == 0).all()
+
+    val = LatentDataset(cache, "val", sample_posterior=False, max_tokens=4)
+    first, second = val[0], val[0]
+    assert torch.equal(first["tokens"], second["tokens"]) and first["caption"] == clips[5]["captions"][0]
+    expected = cache.normalize(clips[5]["mean"][:4])
+    torch.testing.assert_close(first["tokens"], expected)
+
+
+def test_datamodule_batches(tmp_path):
+    write_cache(tmp_path, fake_clips())
+    datamodule = LatentDataModule(tmp_path, batch_size=2, max_tokens=None, seed=0, expected_fingerprint=FINGERPRINT)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["tokens"].shape[0] == 2 and batch["tokens"].shape[2] == D
+    assert batch["token_mask"].shape == batch["tokens"].shape[:2]
+    assert len(batch["captions"]) == len(batch["ids"]) == len(batch["labels"]) == 2
+    val_batch = next(iter(datamodule.val_dataloader()))
+    assert val_batch["ids"] == ["clip5"] and val_batch["token_mask"].sum() == 8
+    with pytest.raises(KeyError, match="no 'test'"):
+        LatentDataModule(tmp_path, splits={"train": "train"}).test_dataloader()
+
+
+def test_pretransform_feeds_the_cache_and_decodes_back(tmp_path):
+    """The caller-side loop of the module docstring, with a tiny random pretransform."""
+    from lightning_modules.parts.pretransform import MelVAEPretransform
+
+    torch.manual_seed(0)
+    tiny = dict(block_out_channels=(4, 8, 8), layers_per_block=1, latent_channels=8, norm_num_groups=4)
+    pretransform = MelVAEPretransform.from_scratch({}, tiny, dict(griffin_lim_iters=1)).eval()
+    wave = torch.randn(3, 3200) * 0.1
+    wave_mask = torch.ones(3, 3200, dtype=torch.bool)
+    wave_mask[2, 1280:] = False
+    fingerprint = {"vae": pretransform.fingerprint()}
+    writer = LatentCacheWriter(tmp_path, fingerprint, shard_size=2)
+    with torch.no_grad():
+        mean, std, token_mask = pretransform.encode_moments(wave, wave_mask)
+    for i, split in enumerate(["train", "train", "val"]):
+        writer.add(f"c{i}", mean[i], std[i], token_mask[i], [f"clip {i}"], None, split)
+    writer.finalize()
+
+    cache = LatentCache(tmp_path, expected_fingerprint=fingerprint)
+    assert [r["mean"].shape for r in cache.records("val")] == [(2, pretransform.token_dim)]
+    item = LatentDataset(cache, "val", sample_posterior=False)[0]
+    with torch.no_grad():
+        audio = pretransform.decode(cache.denormalize(item["tokens"][None]), normalized=False)
+    assert audio.shape == (1, 2 * pretransform.downsampling_ratio)
+    other = MelVAEPretransform.from_scratch({}, tiny, dict(griffin_lim_iters=1))
+    with pytest.raises(CacheMismatchError):
+        LatentCache(tmp_path, expected_fingerprint={"vae": other.fingerprint()})
