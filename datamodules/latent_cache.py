@@ -44,6 +44,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.audio_datamodule import SeededClipSampler
+
 CACHE_FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 STATS_NAME = "stats.json"
@@ -359,24 +361,22 @@ class LatentDataset(Dataset):
         self.seed = seed
         self.max_tokens = max_tokens
         self.train = split == "train" if train is None else train
-        self._generator: torch.Generator | None = None
-        self._generator_pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _rng(self, index: int) -> torch.Generator:
-        if not self.train:  # same draw for the same item every time
-            return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        if self._generator is None or self._generator_pid != os.getpid():
-            # torch.initial_seed() differs per DataLoader worker and per epoch (and follows the global seed).
-            self._generator = torch.Generator().manual_seed((self.seed * 1_000_003 + torch.initial_seed()) % (2**63))
-            self._generator_pid = os.getpid()
-        return self._generator
-
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index (eval: the same draw every time), or ``(index, item_seed)`` from
+        :class:`SeededClipSampler` (train: crop, posterior noise and caption follow the seed,
+        so a resumed run draws exactly what an uninterrupted one would)."""
+        if isinstance(key, tuple):
+            index, item_seed = key
+        elif self.train:
+            raise TypeError("a training LatentDataset needs (index, item_seed) keys from SeededClipSampler")
+        else:
+            index, item_seed = key, self.seed * 1_000_003 + key
         record = self.records[index]
-        rng = self._rng(index)
+        rng = torch.Generator().manual_seed(int(item_seed) % (2**63))
         mean, std = record["mean"].float(), record["std"].float()  # (N, D)
         length = mean.shape[0]
         start = 0
@@ -468,10 +468,13 @@ class LatentDataModule(L.LightningDataModule):
                 f"no {stage!r} data: splits mapping {self.splits}, cache {self.cache_dir} has splits {self.cache.splits}"
             )
         is_train = stage == "train"
+        dataset = self.datasets[stage]
+        # Training order and per-item seeds come from (seed, epoch): batches do not depend on
+        # num_workers, and resuming at an epoch boundary replays exactly.
+        sampler = SeededClipSampler([len(dataset)], [1.0], seed=self.seed) if is_train else None
         return DataLoader(
-            self.datasets[stage], batch_size=self.batch_size, shuffle=is_train, drop_last=is_train and self.drop_last,
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=is_train and self.drop_last,
             num_workers=self.num_workers, collate_fn=collate_latents, persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if is_train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

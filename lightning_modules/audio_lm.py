@@ -139,7 +139,8 @@ class AudioLMSystem(L.LightningModule):
         Args:
             batch: ``tokens`` (B, N, token_dim), ``token_mask`` (B, N) bool, ``captions`` list[str].
             ratios: (B,) mask ratio per sample (zeros: plain NTP).
-            generator: CPU generator for token dropping and text dropout.
+            generator: CPU generator for token dropping, text dropout and the diffusion
+                noise (t, ε): a step is a function of (seed, global step, rank, batch).
             p_uncond: probability of replacing a sample's caption with the null prefix.
 
         Returns:
@@ -162,7 +163,7 @@ class AudioLMSystem(L.LightningModule):
             prefix, prefix_mask, inputs.tokens, inputs.position_ids, inputs.target_ids, inputs.token_mask
         )  # (B, M+1, W)
         valid = inputs.target_mask  # (B, M+1)
-        return self.head.loss(inputs.target_tokens[valid].float(), z[valid])
+        return self.head.loss(inputs.target_tokens[valid].float(), z[valid], generator=generator)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = self._step_generator(salt=0)
@@ -178,12 +179,9 @@ class AudioLMSystem(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Next-token diffusion loss with the captions kept and noise drawn from a fixed seed,
         so NTP and MNTP runs are compared on the same quantity."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(self.cfg.seed) + batch_idx)
-            generator = torch.Generator().manual_seed(int(self.cfg.seed) + batch_idx)
-            zeros = torch.zeros(batch["tokens"].shape[0])
-            out = self.diffusion_loss(batch, zeros, generator, p_uncond=0.0)
+        generator = torch.Generator().manual_seed(int(self.cfg.seed) + batch_idx)
+        zeros = torch.zeros(batch["tokens"].shape[0])
+        out = self.diffusion_loss(batch, zeros, generator, p_uncond=0.0)
         batch_size = batch["tokens"].shape[0]
         self.log("val/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
         self._log_loss_by_timestep("val", out, batch_size)

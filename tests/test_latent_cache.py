@@ -119,11 +119,14 @@ def test_dataset_sampling_crop_pad_and_captions(tmp_path):
     write_cache(tmp_path, clips)
     cache = LatentCache(tmp_path)
     train = LatentDataset(cache, "train", sample_posterior=True, seed=0, max_tokens=5)
-    item = train[4]  # clip4: 7 tokens -> random crop of 5
+    item = train[(4, 11)]  # clip4: 7 tokens -> random crop of 5; item seed 11
     assert item["tokens"].shape == (5, D) and item["tokens"].dtype == torch.float32 and item["token_mask"].all()
     assert item["caption"] in clips[4]["captions"]
-    assert not torch.equal(train[4]["tokens"], train[4]["tokens"])  # re-sampled at each access
-    short = train[0]  # clip0: 3 tokens -> padded to 5
+    assert not torch.equal(train[(4, 11)]["tokens"], train[(4, 12)]["tokens"])  # re-sampled with each item seed
+    assert torch.equal(train[(4, 11)]["tokens"], item["tokens"])  # and reproducible from it
+    with pytest.raises(TypeError, match="SeededClipSampler"):
+        train[4]
+    short = train[(0, 0)]  # clip0: 3 tokens -> padded to 5
     assert short["token_mask"].tolist() == [True, True, True, False, False]
     assert (short["tokens"][3:] == 0).all()
 

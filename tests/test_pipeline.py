@@ -1,0 +1,137 @@
+"""The whole pipeline on the real `demo` config shrunk to seconds: corpus → VAE → cache → LM
+→ samples; `make generate` on its checkpoint; cache resume and refusal; exact resume."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.latent_cache import CacheMismatchError, LatentCacheWriter
+from experiments import pipeline
+from experiments.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    return [
+        f"run.root={root}/runs",
+        f"run.data_root={root}/data",
+        "corpus.num_train=32",
+        "corpus.num_val=4",
+        "corpus.num_test=4",
+        "corpus.num_test_novel=4",
+        "corpus.clip_seconds=2.0",
+        "data.clip_seconds=2.0",
+        "data.batch_size=8",
+        "vae_train.max_steps=4",
+        "vae_train.val_every_steps=4",
+        "vae_train.stats_batches=2",
+        "model.width=32",
+        "model.depth=2",
+        "model.heads=2",
+        "model.max_tokens=50",
+        "model.head.width=32",
+        "model.head.depth=1",
+        "text.width=16",
+        "text.depth=1",
+        "text.heads=2",
+        "trainer.max_steps=8",
+        "trainer.batch_size=8",
+        "trainer.val_every_steps=4",
+        "trainer.ckpt_every_steps=4",
+        "trainer.log_every_steps=2",
+        "sample.num_captions=2",
+        "sample.steps=4",
+        "sample.seconds=1.0",
+        "vocoder.griffin_lim_iters=4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cfg = load_config("demo", tiny_overrides(root))
+    run_dir = pipeline.run_task(cfg)
+    return root, run_dir
+
+
+def test_demo_pipeline_writes_samples_checkpoints_and_logs(demo_run):
+    root, run_dir = demo_run
+    assert (root / "runs" / "vae_demo" / "last" / "pretransform" / "pretransform.json").is_file()
+    assert (root / "runs" / "demo" / "last").resolve() == run_dir.resolve()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    samples = run_dir / "samples" / "step_0000008"
+    listing = json.loads((samples / "samples.json").read_text())
+    assert len(listing["samples"]) == 2 and all(s["caption"] for s in listing["samples"])
+    import soundfile as sf
+
+    for entry in listing["samples"]:
+        wave, rate = sf.read(samples / entry["file"])
+        assert rate == 16000 and len(wave) == 16000 and abs(wave).max() > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["timings_s"]) == {"corpus", "vae", "cache", "lm"}
+    assert "val/loss" in summary["final_metrics"]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["model"]["width"] == 32  # resolved config in every checkpoint
+    assert ckpt["hyper_parameters"]["pretransform_fingerprint"]
+
+
+def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
+    root, run_dir = demo_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a high pitched beep pulsing\n\nlow hum fading away\n")
+    out = tmp_path / "gen"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--runs", str(root / "runs"), "--prompts", str(prompts),
+         "--prompt", "white noise", "--seconds", "0.5", "--steps", "3", "--cfg", "2", "--seed", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    listing = json.loads((out / "samples.json").read_text())
+    assert [s["caption"] for s in listing["samples"]] == ["white noise", "a high pitched beep pulsing", "low hum fading away"]
+    assert listing["settings"]["cfg_scale"] == 2 and listing["settings"]["steps"] == 3 and listing["settings"]["seed"] == 1
+    assert len(list(out.glob("*.wav"))) == 3
+
+
+def test_generate_cli_without_prompt_or_checkpoint_fails_clearly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--runs", str(tmp_path), "--prompt", "x"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "make train EXP=demo" in result.stderr
+
+
+def test_cache_is_reused_and_a_stale_one_is_refused(demo_run):
+    root, _ = demo_run
+    cfg = load_config("demo", tiny_overrides(root))
+    sources = pipeline.manifest_sources(cfg)
+    pretransform = pipeline.load_pretransform_for(cfg)
+    fingerprint = pipeline.cache_fingerprint(cfg, pretransform, sources)
+    cache_dir = pipeline.ensure_latent_cache(cfg, pretransform, sources)  # already complete: reused
+    assert cache_dir == pipeline.cache_dir_for(cfg, fingerprint)
+    stale = dict(fingerprint, pretransform="another-vae")
+    with pytest.raises(CacheMismatchError, match="pretransform"):
+        LatentCacheWriter(cache_dir, fingerprint=stale, dtype=cfg.cache.dtype)
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_exactly(tmp_path):
+    """Train 8 steps straight; resume the step-4 checkpoint to step 8: same weights."""
+    overrides = tiny_overrides(tmp_path)
+    straight = pipeline.run_task(load_config("demo", overrides))
+    resumed = pipeline.run_task(
+        load_config("demo", [*overrides, f"trainer.resume={straight / 'checkpoints' / 'step0000004.ckpt'}"])
+    )
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 8
+    for key in ("state_dict", "current_model_state"):  # EMA weights and raw weights
+        tensors = {name: value for name, value in a[key].items() if torch.is_tensor(value)}
+        assert len(tensors) > 20
+        for name, value in tensors.items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name}"
