@@ -33,6 +33,39 @@ from lightning_modules.parts.text_conditioning import apply_text_dropout, build_
 NUM_TIMESTEP_BUCKETS = 10  # loss is also logged per tenth of the diffusion timestep range
 
 
+def build_decoder(cfg: DictConfig, max_prefix_len: int) -> CausalDecoder:
+    """The causal decoder an experiment config describes (``model.*``, ``mntp.target_embedding``)."""
+    model = cfg.model
+    return CausalDecoder(
+        token_dim=model.token_dim,
+        width=model.width,
+        depth=model.depth,
+        heads=model.heads,
+        mlp_ratio=model.mlp_ratio,
+        max_prefix_len=max_prefix_len,
+        max_tokens=model.max_tokens,
+        dropout=model.dropout,
+        target_embedding=cfg.mntp.target_embedding,
+    )
+
+
+def build_head(cfg: DictConfig) -> DiffusionHead:
+    """The diffusion head an experiment config describes (``model.head.*``, ``sample.*``)."""
+    model = cfg.model
+    return DiffusionHead(
+        token_dim=model.token_dim,
+        cond_dim=model.width,
+        width=model.head.width,
+        depth=model.head.depth,
+        num_train_steps=model.head.num_train_steps,
+        schedule=model.head.schedule,
+        batch_mul=model.head.batch_mul,
+        sampler=cfg.sample.sampler,
+        num_sample_steps=cfg.sample.steps,
+        clip_x0=model.head.clip_x0,
+    )
+
+
 class AudioLMSystem(L.LightningModule):
     """Text prefix → causal decoder → diffusion head, trained with NTP or MNTP.
 
@@ -66,29 +99,8 @@ class AudioLMSystem(L.LightningModule):
         )
         if hasattr(self.text, "vocab_size"):  # lets a checkpoint rebuild the encoder without the .model file
             self.hparams["text_vocab_size"] = self.text.vocab_size
-        self.decoder = CausalDecoder(
-            token_dim=self.token_dim,
-            width=model.width,
-            depth=model.depth,
-            heads=model.heads,
-            mlp_ratio=model.mlp_ratio,
-            max_prefix_len=self.text.max_len,
-            max_tokens=model.max_tokens,
-            dropout=model.dropout,
-            target_embedding=cfg.mntp.target_embedding,
-        )
-        self.head = DiffusionHead(
-            token_dim=self.token_dim,
-            cond_dim=model.width,
-            width=model.head.width,
-            depth=model.head.depth,
-            num_train_steps=model.head.num_train_steps,
-            schedule=model.head.schedule,
-            batch_mul=model.head.batch_mul,
-            sampler=cfg.sample.sampler,
-            num_sample_steps=cfg.sample.steps,
-            clip_x0=model.head.clip_x0,
-        )
+        self.decoder = build_decoder(cfg, max_prefix_len=self.text.max_len)
+        self.head = build_head(cfg)
         # Learned "no text" prefix for classifier-free guidance: (L, D).
         self.null_prefix = nn.Parameter(torch.randn(self.text.max_len, model.width) * 0.02)
         self.ratio_sampler = MaskRatioSampler(**OmegaConf.to_container(cfg.mntp.ratio, resolve=True))

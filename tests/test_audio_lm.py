@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.config import load_config
-from lightning_modules.audio_lm import AudioLMSystem
+from lightning_modules.audio_lm import AudioLMSystem, build_decoder, build_head
+from lightning_modules.parts.decoder import count_parameters
 from lightning_modules.parts.masking import make_mntp_inputs
 from lightning_modules.parts.text_conditioning import train_sentencepiece
 
@@ -184,3 +185,25 @@ def test_checkpoint_round_trip_keeps_tokenizer_and_stats(sp_model, tmp_path):
     assert torch.equal(loaded.latent_mean, torch.arange(8.0))
     for (n1, p1), (n2, p2) in zip(system.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and (not torch.is_tensor(p1) or torch.equal(p1, p2)), n1
+
+
+# FLAN-T5-large hidden size and CLAP's projection size: the two trainable prefix projections.
+T5_LARGE_DIM, CLAP_DIM, PREFIX_LEN = 1024, 512, 78
+
+
+@pytest.mark.parametrize(
+    "experiment, paper",
+    [("ntp_base", 193e6), ("masked_base", 193e6), ("ntp_large", 462e6), ("masked_large", 462e6)],
+)
+def test_paper_sizes_within_three_percent(experiment, paper):
+    """The real experiment configs, built on the meta device (no memory, no weights)."""
+    cfg = load_config(experiment)
+    width = cfg.model.width
+    with torch.device("meta"):
+        decoder = build_decoder(cfg, max_prefix_len=PREFIX_LEN)
+        head = build_head(cfg)
+    text_projections = (T5_LARGE_DIM + 1) * width + (CLAP_DIM + 1) * width
+    null_prefix = PREFIX_LEN * width
+    total = count_parameters(decoder) + count_parameters(head) + text_projections + null_prefix
+    print(f"{experiment}: {total / 1e6:.1f}M trainable (paper {paper / 1e6:.0f}M)")
+    assert abs(total - paper) / paper < 0.03, total

@@ -21,8 +21,6 @@ def draw_mog(n, gen):
 @pytest.fixture(scope="module")
 def mog_head():
     """A tiny head trained on the class-conditional MoG (~6 s on one core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster and kinder to a shared CPU
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     head = DiffusionHead(token_dim=2, cond_dim=3, width=64, depth=2, batch_mul=4)
@@ -37,7 +35,6 @@ def mog_head():
         opt.step()
         sched.step()
     yield head.eval()
-    torch.set_num_threads(threads)
 
 
 def class_stats(head, n=2000, seed=1, **kw):

@@ -22,14 +22,6 @@ from experiments.config import load_config
 SECONDS = 1.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class StubSystem:
     """Stands in for AudioLMSystem: a config, a token budget, and a device."""
 

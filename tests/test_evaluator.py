@@ -10,15 +10,6 @@ import torch
 from datamodules.synthetic import LABEL_VALUES, sample_labels, synthesize_clip
 from lightning_modules.evaluator import AttributeEvaluator, EvaluatorSystem, attribute_accuracy
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on shared CPUs (40x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TINY = dict(channels=(4, 8), embed_dim=16)
 
 

@@ -1,0 +1,185 @@
+"""Throughput benchmarks, reported as ratios measured in one run: ``make bench``.
+
+    python -m experiments.bench [EXP] [key=value ...] [--repeats N]
+
+Uses the experiment's model sizes (default ``demo``) with random weights and random
+tokens, so it needs no trained run. Measures:
+
+1. generation with the preallocated KV cache vs recomputing the full sequence per token;
+2. ``diffusion_batch_mul``: one decoder pass + the head on 4 noise draws vs 4 full steps;
+3. reading cached latents vs reading audio and encoding it with the VAE per batch;
+4. bf16 autocast vs fp32 for the training step on this device;
+5. one autocast region around the sampling loop vs entering autocast per step.
+
+Writes ``<run.root>/bench/<timestamp>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args, rest = parser.parse_known_args(argv)
+    name = rest.pop(0) if rest and "=" not in rest[0] else "demo"
+    from omegaconf import OmegaConf
+
+    from experiments.config import ConfigError, atomic_write_text, load_config
+
+    try:
+        cfg = load_config(name, rest)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from experiments.pipeline import set_threads
+    from lightning_modules.audio_lm import AudioLMSystem
+    from lightning_modules.parts.text_conditioning import train_sentencepiece
+
+    set_threads(cfg)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_root = Path(cfg.run.root) / "bench"
+    out_root.mkdir(parents=True, exist_ok=True)
+    captions = ["a high pitched beep pulsing", "low hum fading away", "white noise hiss", "a rising sweep"] * 8
+    sp = None
+    if cfg.text.kind == "scratch":
+        sp = str(train_sentencepiece(captions, str(out_root / "bench_spm"), 60))
+    system = AudioLMSystem(OmegaConf.to_container(cfg, resolve=True), sp_model_path=sp).to(device)
+    results: dict[str, dict] = {}
+    r = args.repeats
+    B, N, D = cfg.trainer.batch_size, cfg.model.max_tokens, cfg.model.token_dim
+    batch = {
+        "tokens": torch.randn(B, N, D, device=device),
+        "token_mask": torch.ones(B, N, dtype=torch.bool, device=device),
+        "captions": (captions * (B // len(captions) + 1))[:B],
+    }
+    zeros = torch.zeros(B)
+
+    # 1. KV cache vs full recomputation (same decoder, head replaced by a cheap projection).
+    system.eval()
+    num_gen = min(N, 64)
+    prompts = captions[:4]
+    with torch.no_grad():
+        prefix, prefix_mask = system.encode_text(prompts)
+
+        def cached() -> None:
+            cache = system.decoder.make_cache(4, prefix.shape[1] + 1 + num_gen, device, prefix.dtype)
+            z = system.decoder.prefill(prefix, prefix_mask, cache)
+            for i in range(num_gen - 1):
+                z = system.decoder.step(z[:, :D].contiguous(), position_id=i, target_id=i + 1, cache=cache)
+
+        def recompute() -> None:
+            tokens = torch.zeros(4, 0, D, device=device)
+            for _ in range(num_gen):
+                z = system.decoder(prefix, prefix_mask, tokens)
+                tokens = torch.cat([tokens, z[:, -1:, :D]], dim=1)
+
+        t_cache, t_full = timed(cached, r), timed(recompute, r)
+    results["kv_cache"] = {"tokens": num_gen, "cached_s": t_cache, "recompute_s": t_full, "speedup": t_full / t_cache}
+
+    # 2. diffusion_batch_mul: one decoder pass, head x4 vs four full steps with batch_mul 1.
+    system.train()
+    gen = lambda: torch.Generator().manual_seed(0)
+
+    def step_mul() -> None:
+        system.diffusion_loss(batch, zeros, gen(), 0.0)["loss"].backward()
+
+    def step_repeat() -> None:
+        mul = system.head.batch_mul
+        system.head.batch_mul = 1
+        try:
+            for _ in range(mul):
+                system.diffusion_loss(batch, zeros, gen(), 0.0)["loss"].backward()
+        finally:
+            system.head.batch_mul = mul
+
+    t_mul, t_rep = timed(step_mul, r), timed(step_repeat, r)
+    results["diffusion_batch_mul"] = {
+        "batch_mul": system.head.batch_mul, "one_pass_s": t_mul, "repeated_s": t_rep, "speedup": t_rep / t_mul,
+    }
+    system.zero_grad(set_to_none=True)
+
+    # 3. Cached latents vs encoding audio on the fly (random VAE of the experiment's size).
+    from experiments.pipeline import mel_kwargs, vae_kwargs
+    from lightning_modules.parts.pretransform import MelVAEPretransform
+
+    pretransform = MelVAEPretransform.from_scratch(mel_kwargs(cfg), vae_kwargs(cfg)).to(device).eval()
+    seconds = N / pretransform.tokens_per_second
+    wave = torch.randn(B, int(seconds * pretransform.sample_rate), device=device) * 0.1
+    mean = torch.randn(B, N, D, device=device)
+    std = torch.rand(B, N, D, device=device) * 0.1
+    with torch.no_grad():
+        t_encode = timed(lambda: pretransform.encode(wave, sample=True), r)
+    t_cached = timed(lambda: mean + std * torch.randn_like(std), r)
+    results["latent_cache"] = {
+        "clips": B, "seconds_per_clip": seconds, "encode_s": t_encode, "cached_sample_s": t_cached,
+        "train_step_s": t_mul, "step_speedup_from_cache": (t_mul + t_encode) / (t_mul + t_cached),
+    }
+
+    # 4. bf16 autocast vs fp32 training step.
+    def step_bf16() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = system.diffusion_loss(batch, zeros, gen(), 0.0)["loss"]
+        loss.backward()
+
+    t_bf16 = timed(step_bf16, max(1, r // 2))
+    results["bf16_autocast"] = {"fp32_step_s": t_mul, "bf16_step_s": t_bf16, "speedup": t_mul / t_bf16}
+    system.zero_grad(set_to_none=True)
+
+    # 5. One autocast region around sampling vs one per step.
+    system.eval()
+    z = torch.randn(8, cfg.model.width, device=device)
+    steps = 20
+    with torch.no_grad():
+
+        def one_region() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                for _ in range(steps):
+                    system.head.sample(z, z, cfg_scale=3.0, num_steps=2)
+
+        def per_step() -> None:
+            for _ in range(steps):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    system.head.sample(z, z, cfg_scale=3.0, num_steps=2)
+
+        t_one, t_per = timed(one_region, r), timed(per_step, r)
+    results["autocast_region"] = {"one_region_s": t_one, "per_step_s": t_per, "ratio_per_step_over_one": t_per / t_one}
+
+    header = {"experiment": name, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "batch": B, "tokens": N, "parameters": system.parameter_summary()}
+    print(f"[bench] {name} on {device} ({torch.get_num_threads()} threads), batch {B} × {N} tokens")
+    print("| benchmark | measurement | ratio |\n|---|---|---|")
+    print(f"| KV cache, {num_gen} tokens | {t_cache:.3f} s cached vs {t_full:.3f} s recomputed | {t_full / t_cache:.1f}× faster |")
+    print(f"| diffusion_batch_mul={system.head.batch_mul} | {t_mul:.3f} s one pass vs {t_rep:.3f} s repeated | {t_rep / t_mul:.1f}× faster |")
+    print(f"| latent cache | encode {t_encode:.3f} s/batch vs cached {t_cached:.4f} s | train step {results['latent_cache']['step_speedup_from_cache']:.2f}× faster |")
+    print(f"| bf16 autocast | {t_bf16:.3f} s vs fp32 {t_mul:.3f} s | {t_mul / t_bf16:.2f}× |")
+    print(f"| autocast around sampling | one region {t_one:.3f} s vs per step {t_per:.3f} s | {t_per / t_one:.2f}× |")
+    out = out_root / f"{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    atomic_write_text(out, json.dumps({**header, "results": results}, indent=2))
+    print(f"[bench] {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
