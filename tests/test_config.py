@@ -30,9 +30,10 @@ def test_every_experiment_loads_and_only_overrides_base_keys():
 
 def test_experiment_overrides_and_cli_overrides_merge_in_order():
     base = OmegaConf.load(BASE_CONFIG)
+    demo_file = OmegaConf.load(BASE_CONFIG.parent / "demo.yaml")
     demo = load_config("demo")
-    assert demo.model.width == 256 != base.model.width
-    assert demo.model.heads == 4
+    assert demo.model.width == demo_file.model.width != base.model.width
+    assert demo.model.heads == demo_file.model.heads
     assert demo.optim.betas == base.optim.betas  # untouched keys keep base values
     cli = load_config("demo", ["model.width=128", "optim.lr=0.5", "mntp.ratio.kind=none"])
     assert cli.model.width == 128 and cli.optim.lr == 0.5 and cli.mntp.ratio.kind == "none"
@@ -125,7 +126,8 @@ def test_run_dir_saves_config_and_points_last(tmp_path):
     assert first != second and first.parent == second.parent == tmp_path / "demo"
     assert last_run_dir(tmp_path, "demo") == second.resolve()
     saved = OmegaConf.load(second / "config.yaml")
-    assert saved.model.width == 256 and saved.experiment == "demo"
+    assert saved.model.width == cfg.model.width != OmegaConf.load(BASE_CONFIG).model.width
+    assert saved.experiment == "demo"
 
 
 def test_last_run_dir_missing_is_a_clear_error(tmp_path):
