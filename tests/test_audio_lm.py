@@ -229,3 +229,14 @@ def test_generation_follows_the_caption(sp_model):
     out = system.generate_tokens(captions, 6, cfg_scale=3.0, num_steps=20, generator=torch.Generator().manual_seed(0))
     per_caption = out.mean(dim=1)  # (3, 8)
     assert (per_caption - means).abs().max() < 0.5, per_caption
+
+
+def test_mntp_model_generates_through_the_ntp_path(sp_model):
+    """Inference is plain NTP for both: same weights, same seed → identical tokens, whatever
+    the training-time masking settings."""
+    ntp = make_system(sp_model, "mntp.ratio.kind=none").eval()
+    mntp = make_system(sp_model, "mntp.ratio.kind=mixture", "mntp.mode=drop", "mntp.predict_skipped=true").eval()
+    mntp.load_state_dict(ntp.state_dict())
+    a = ntp.generate_tokens(CAPTIONS[:2], 5, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    b = mntp.generate_tokens(CAPTIONS[:2], 5, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
