@@ -109,6 +109,29 @@ def raise_on_key_mismatch(info: dict, what: str, directory: Path) -> None:
         raise RuntimeError(f"{what} weights in {directory} do not match the model config:\n  " + "\n  ".join(problems))
 
 
+def load_pretrained_strict(model_cls, directory: str | Path, subfolder: str, weight_files: tuple[str, ...],
+                           what: str, logger_name: str):
+    """``model_cls.from_pretrained`` from a local folder (or its ``subfolder``), refusing
+    missing weight files and any missing, unexpected or mismatched key.
+
+    Returns ``(model, folder)``. Raises ``FileNotFoundError`` / ``RuntimeError`` naming the folder.
+    """
+    folder = resolve_component_dir(directory, subfolder)
+    if not any((folder / name).is_file() for name in weight_files):
+        raise FileNotFoundError(f"no {what} weight file ({' or '.join(weight_files)}) in {folder}")
+    library_logger = logging.getLogger(logger_name)
+    previous_level = library_logger.level
+    library_logger.setLevel(logging.ERROR)  # we raise on key problems ourselves
+    try:
+        model, info = model_cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise RuntimeError(f"could not load the {what} from {folder}: {error}") from error
+    finally:
+        library_logger.setLevel(previous_level)
+    raise_on_key_mismatch(info, what, folder)
+    return model, folder
+
+
 def load_mel_vae(directory: str | Path) -> AutoencoderKL:
     """Load a diffusers-format ``AutoencoderKL`` from a local directory, strictly.
 
@@ -119,19 +142,7 @@ def load_mel_vae(directory: str | Path) -> AutoencoderKL:
         FileNotFoundError: directory / config.json / weight file absent.
         RuntimeError: missing, unexpected or shape-mismatched keys.
     """
-    vae_dir = resolve_component_dir(directory, "vae")
-    if not any((vae_dir / name).is_file() for name in _WEIGHT_FILES):
-        raise FileNotFoundError(f"no VAE weight file ({' or '.join(_WEIGHT_FILES)}) in {vae_dir}")
-    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
-    previous_level = diffusers_logger.level
-    diffusers_logger.setLevel(logging.ERROR)  # we raise on key problems ourselves
-    try:
-        vae, info = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise RuntimeError(f"could not load the mel-VAE from {vae_dir}: {error}") from error
-    finally:
-        diffusers_logger.setLevel(previous_level)
-    raise_on_key_mismatch(info, "mel-VAE", vae_dir)
+    vae, vae_dir = load_pretrained_strict(AutoencoderKL, directory, "vae", _WEIGHT_FILES, "VAE", "diffusers")
     if vae.config.in_channels != 1 or vae.config.out_channels != 1:
         raise ValueError(
             f"{vae_dir / 'config.json'}: a mel-VAE needs in_channels=out_channels=1, "

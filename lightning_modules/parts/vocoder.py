@@ -10,7 +10,6 @@ Both expose ``forward(log_mel) -> wave``, ``sample_rate`` and ``hop_length``.
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.parts.mel import MelFrontEnd
-from lightning_modules.parts.vae import raise_on_key_mismatch, resolve_component_dir
+from lightning_modules.parts.vae import load_pretrained_strict
 
 _HIFIGAN_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -112,19 +111,9 @@ class HifiGanVocoder(nn.Module):
         """
         from transformers import SpeechT5HifiGan
 
-        vocoder_dir = resolve_component_dir(directory, "vocoder")
-        if not any((vocoder_dir / name).is_file() for name in _HIFIGAN_WEIGHT_FILES):
-            raise FileNotFoundError(f"no vocoder weight file ({' or '.join(_HIFIGAN_WEIGHT_FILES)}) in {vocoder_dir}")
-        transformers_logger = logging.getLogger("transformers")
-        previous_level = transformers_logger.level
-        transformers_logger.setLevel(logging.ERROR)  # we raise on key problems ourselves
-        try:
-            model, info = SpeechT5HifiGan.from_pretrained(vocoder_dir, local_files_only=True, output_loading_info=True)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise RuntimeError(f"could not load the HiFi-GAN vocoder from {vocoder_dir}: {error}") from error
-        finally:
-            transformers_logger.setLevel(previous_level)
-        raise_on_key_mismatch(info, "HiFi-GAN vocoder", vocoder_dir)
+        model, vocoder_dir = load_pretrained_strict(
+            SpeechT5HifiGan, directory, "vocoder", _HIFIGAN_WEIGHT_FILES, "vocoder", "transformers"
+        )
         vocoder = cls(model.eval())
         vocoder.model_dir = str(vocoder_dir)
         return vocoder
