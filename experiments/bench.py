@@ -42,16 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     args, rest = parser.parse_known_args(argv)
-    name = rest.pop(0) if rest and "=" not in rest[0] else "demo"
     from omegaconf import OmegaConf
 
-    from experiments.config import ConfigError, atomic_write_text, load_config
+    from experiments.config import atomic_write_text, config_from_argv
 
-    try:
-        cfg = load_config(name, rest)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_argv(rest)
+    name = cfg.experiment
     from experiments.pipeline import set_threads
     from lightning_modules.audio_lm import AudioLMSystem
     from lightning_modules.parts.text_conditioning import train_sentencepiece

@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from experiments.config import ConfigError, load_config
+from experiments.config import config_from_argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = argv.pop(0) if argv and "=" not in argv[0] else "demo"
-    try:
-        cfg = load_config(name, argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
     from experiments import pipeline
 
     pipeline.set_threads(cfg)

@@ -150,6 +150,20 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def config_from_argv(argv: Sequence[str], default: str = "demo") -> DictConfig:
+    """``[EXP] [key=value ...]`` from a command line → the config; exits with status 2 and
+    the error on stderr when the experiment or a key is wrong (the entry points' contract)."""
+    args = list(argv)
+    name = args.pop(0) if args and "=" not in args[0] else default
+    try:
+        return load_config(name, args)
+    except ConfigError as err:
+        import sys
+
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
 def config_to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
