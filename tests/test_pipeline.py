@@ -135,3 +135,13 @@ def test_resumed_run_continues_exactly(tmp_path):
         assert len(tensors) > 20
         for name, value in tensors.items():
             assert torch.equal(value, b[key][name]), f"{key}.{name}"
+
+
+def test_bench_reports_every_ratio(tmp_path):
+    from experiments import bench
+
+    assert bench.main(["demo", *tiny_overrides(tmp_path), "--repeats", "1"]) == 0
+    (report,) = (tmp_path / "runs" / "bench").glob("*.json")
+    results = json.loads(report.read_text())["results"]
+    assert set(results) == {"kv_cache", "diffusion_batch_mul", "latent_cache", "bf16_autocast", "autocast_region"}
+    assert all(v > 0 for r in results.values() for k, v in r.items() if k.endswith("_s"))
