@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.audio_datamodule import AudioCapsDataModule
 from datamodules.latent_cache import LatentCache, LatentCacheWriter, LatentDataModule
-from datamodules.manifest import ManifestSource, parse_manifest_sources, read_manifest
+from datamodules.manifest import ManifestSource, parse_manifest_sources
 from datamodules.synthetic import generate_corpus
 from experiments.config import atomic_write_text, last_run_dir, make_run_dir
 from lightning_modules.audio_lm import AudioLMSystem
@@ -443,8 +443,8 @@ def train_audio_lm(cfg: DictConfig) -> Path:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = {"timings_s": timings, "final_metrics": metrics, "samples": str(run_dir / "samples")}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    log("lm", f"stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    log("lm", f"final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/" in k and "by_t" not in k))
+    log("lm", "stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    log("lm", "final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/" in k and "by_t" not in k))
     log("lm", f"samples with their captions: {run_dir / 'samples'}")
     return run_dir
 

@@ -119,7 +119,6 @@ def test_training_loss_falls_when_overfitting_a_batch(sp_model):
     system = make_system(sp_model, "optim.lr=0.003")
     batch = make_batch()
     optimizer = torch.optim.AdamW(system.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
     losses = []
     for step in range(120):  # a few fixed noise draws, so the loss can go down
         loss = system.diffusion_loss(batch, torch.zeros(4), torch.Generator().manual_seed(step % 4), p_uncond=0.0)["loss"]

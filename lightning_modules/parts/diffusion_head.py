@@ -30,7 +30,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 SAMPLERS = ("ddpm", "ddim")
 

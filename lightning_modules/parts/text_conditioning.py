@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections import OrderedDict
 
 import torch
