@@ -117,3 +117,20 @@ def test_sample_under_autocast(mog_head):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x = mog_head.sample(z, num_steps=10, generator=torch.Generator().manual_seed(0))
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_min_snr_weighting_downweights_clean_timesteps():
+    """Min-SNR-γ: loss = mean of per-draw ε-MSE × min(SNR, γ)/SNR; off (None) = plain mean."""
+    torch.manual_seed(0)
+    plain = DiffusionHead(token_dim=4, cond_dim=3, width=16, depth=1, batch_mul=2)
+    weighted = DiffusionHead(token_dim=4, cond_dim=3, width=16, depth=1, batch_mul=2, min_snr_gamma=5.0)
+    weighted.load_state_dict(plain.state_dict())
+    x, z = torch.randn(8, 4), torch.randn(8, 3)
+    a = plain.loss(x, z, generator=torch.Generator().manual_seed(1))
+    b = weighted.loss(x, z, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a["t"], b["t"]) and torch.allclose(a["per_sample"], b["per_sample"])
+    assert torch.allclose(a["loss"], a["per_sample"].mean())
+    abar = plain._abar(x.device)[b["t"]].float()
+    snr = abar / (1 - abar)
+    expected = (b["per_sample"] * snr.clamp(max=5.0) / snr).mean()
+    assert torch.allclose(b["loss"], expected) and b["loss"] < a["loss"]

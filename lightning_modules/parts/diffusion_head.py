@@ -181,12 +181,15 @@ class DiffusionHead(nn.Module):
         clip_x0: clamp the predicted x0 to [-clip_x0, clip_x0] while sampling (the
             first-step safety; None disables it).
         ddim_eta: DDIM stochasticity (0 = deterministic).
+        min_snr_gamma: None (MAR's plain ε-MSE, the paper's loss) or γ for Min-SNR-γ
+            weighting (Hang et al. 2023): each draw is weighted by min(SNR_t, γ) / SNR_t,
+            which shifts the gradient towards the noisy timesteps where the condition matters.
     """
 
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 3,
                  num_train_steps: int = 1000, schedule: str = "cosine", batch_mul: int = 4,
                  sampler: str = "ddpm", num_sample_steps: int = 100, clip_x0: float | None = 5.0,
-                 ddim_eta: float = 0.0):
+                 ddim_eta: float = 0.0, min_snr_gamma: float | None = None):
         super().__init__()
         if schedule != "cosine":
             raise ValueError(f"only the 'cosine' schedule is implemented, got {schedule!r}")
@@ -196,6 +199,7 @@ class DiffusionHead(nn.Module):
         self.num_train_steps, self.batch_mul = num_train_steps, batch_mul
         self.sampler, self.num_sample_steps = sampler, num_sample_steps
         self.clip_x0, self.ddim_eta = clip_x0, ddim_eta
+        self.min_snr_gamma = min_snr_gamma
         self.net = DenoiserMLP(token_dim, cond_dim, width, depth)
         # float64 on CPU, deliberately not a buffer: .to(bf16) must not round it
         self.alphas_cumprod = cosine_alphas_cumprod(num_train_steps)
@@ -239,11 +243,12 @@ class DiffusionHead(nn.Module):
         abar = self._abar(x0.device)[t][:, None]  # (N*bm, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         per_sample = (self.net(x_t, t, z).float() - eps).pow(2).mean(dim=-1)  # (N*bm,)
-        if weight is None:
-            loss = per_sample.mean()
-        else:
-            w = weight.float().repeat(self.batch_mul)
-            loss = (per_sample * w).sum() / w.sum().clamp_min(1e-8)
+        w = torch.ones_like(per_sample) if weight is None else weight.float().repeat(self.batch_mul)
+        weighted = per_sample
+        if self.min_snr_gamma is not None:
+            snr = (abar / (1 - abar)).squeeze(-1).float()  # (N*bm,)
+            weighted = per_sample * snr.clamp(max=self.min_snr_gamma) / snr
+        loss = (weighted * w).sum() / w.sum().clamp_min(1e-8)
         return dict(loss=loss, per_sample=per_sample.detach(), t=t)
 
     # -------------------------------------------------------------- sampling
