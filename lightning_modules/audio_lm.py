@@ -63,7 +63,7 @@ def build_head(cfg: DictConfig) -> DiffusionHead:
         sampler=cfg.sample.sampler,
         num_sample_steps=cfg.sample.steps,
         clip_x0=model.head.clip_x0,
-        min_snr_gamma=model.head.min_snr_gamma,
+        min_snr_gamma=model.head.get("min_snr_gamma"),  # absent from checkpoints made before the option
     )
 
 
