@@ -145,3 +145,14 @@ def test_bench_reports_every_ratio(tmp_path):
     results = json.loads(report.read_text())["results"]
     assert set(results) == {"kv_cache", "diffusion_batch_mul", "latent_cache", "bf16_autocast", "autocast_region"}
     assert all(v > 0 for r in results.values() for k, v in r.items() if k.endswith("_s"))
+
+
+def test_corpus_cli_generates_and_counts(tmp_path, capsys):
+    from experiments import corpus
+
+    overrides = [f"run.data_root={tmp_path}", "corpus.num_train=4", "corpus.num_val=2", "corpus.num_test=2",
+                 "corpus.num_test_novel=2", "corpus.clip_seconds=1.0"]
+    assert corpus.main(["demo", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "train 4" in out and "test_novel 2" in out
+    assert corpus.main(["ntp_base"]) == 2
