@@ -64,6 +64,7 @@ def build_head(cfg: DictConfig) -> DiffusionHead:
         num_sample_steps=cfg.sample.steps,
         clip_x0=model.head.clip_x0,
         min_snr_gamma=model.head.get("min_snr_gamma"),  # absent from checkpoints made before the option
+        prediction=model.head.get("prediction", "eps"),  # likewise
     )
 
 
@@ -158,7 +159,8 @@ class AudioLMSystem(L.LightningModule):
 
         Returns:
             dict with ``loss`` (scalar), ``per_sample`` (K,) losses of every (target, t, ε)
-            draw and ``t`` (K,) their timesteps.
+            draw, ``t`` (K,) their timesteps and ``target_ids`` (K,) the index of the token
+            each draw predicts (0: the first audio token, predicted from the text alone).
         """
         tokens, token_mask = batch["tokens"], batch["token_mask"]
         batch_size = tokens.shape[0]
@@ -176,7 +178,9 @@ class AudioLMSystem(L.LightningModule):
             prefix, prefix_mask, inputs.tokens, inputs.position_ids, inputs.target_ids, inputs.token_mask
         )  # (B, M+1, W)
         valid = inputs.target_mask  # (B, M+1)
-        return self.head.loss(inputs.target_tokens[valid].float(), z[valid], generator=generator)
+        out = self.head.loss(inputs.target_tokens[valid].float(), z[valid], generator=generator)
+        out["target_ids"] = inputs.target_ids[valid].repeat(self.head.batch_mul)  # draw r of row i at r * K + i
+        return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = self._step_generator(salt=0)
@@ -191,13 +195,43 @@ class AudioLMSystem(L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Next-token diffusion loss with the captions kept and noise drawn from a fixed seed,
-        so NTP and MNTP runs are compared on the same quantity."""
-        generator = torch.Generator().manual_seed(int(self.cfg.seed) + batch_idx)
-        zeros = torch.zeros(batch["tokens"].shape[0])
-        out = self.diffusion_loss(batch, zeros, generator, p_uncond=0.0)
+        so NTP and MNTP runs are compared on the same quantity; plus :meth:`caption_usage`."""
         batch_size = batch["tokens"].shape[0]
-        self.log("val/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self._log_loss_by_timestep("val", out, batch_size)
+        usage = self.caption_usage(batch, seed=int(self.cfg.seed) + batch_idx)
+        self.log("val/loss", usage["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self._log_loss_by_timestep("val", usage["out"], batch_size)
+        for key in ("loss_shuffled", "first_token_loss", "first_token_loss_shuffled", "caption_gain"):
+            if key in usage:
+                self.log(f"val/{key}", usage[key], batch_size=batch_size, sync_dist=True)
+
+    @torch.no_grad()
+    def caption_usage(self, batch: dict[str, Any], seed: int) -> dict[str, Any]:
+        """"Is the model using its captions?" — the NTP loss of a batch with its true captions
+        and with the captions rolled by one (each clip gets another clip's caption), with the
+        same noise draws.
+
+        The first audio token can only be predicted from the text, so its loss with true vs
+        wrong captions measures how much the text is used: ``caption_gain`` = 1 - true /
+        shuffled is ≈ 0 while the text is ignored and approaches 1 when the text decides it.
+
+        Returns:
+            dict with ``loss`` (scalar), ``out`` (the :meth:`diffusion_loss` dict) and, for
+            batches of two or more clips, ``loss_shuffled``, ``first_token_loss``,
+            ``first_token_loss_shuffled`` and ``caption_gain`` (scalars).
+        """
+        zeros = torch.zeros(batch["tokens"].shape[0])
+        out = self.diffusion_loss(batch, zeros, torch.Generator().manual_seed(seed), p_uncond=0.0)
+        usage: dict[str, Any] = {"loss": out["loss"], "out": out}
+        if len(batch["captions"]) < 2:
+            return usage
+        shuffled = dict(batch, captions=list(batch["captions"][1:]) + list(batch["captions"][:1]))
+        out_shuffled = self.diffusion_loss(shuffled, zeros, torch.Generator().manual_seed(seed), p_uncond=0.0)
+        first = out["target_ids"] == 0
+        usage["loss_shuffled"] = out_shuffled["loss"]
+        usage["first_token_loss"] = out["per_sample"][first].mean()
+        usage["first_token_loss_shuffled"] = out_shuffled["per_sample"][first].mean()
+        usage["caption_gain"] = 1 - usage["first_token_loss"] / usage["first_token_loss_shuffled"].clamp_min(1e-12)
+        return usage
 
     def _log_loss_by_timestep(self, stage: str, out: dict[str, torch.Tensor], batch_size: int) -> None:
         num_steps = self.head.num_train_steps

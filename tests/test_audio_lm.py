@@ -228,6 +228,13 @@ def test_generation_follows_the_caption(sp_model):
     out = system.generate_tokens(captions, 6, cfg_scale=3.0, num_steps=20, generator=torch.Generator().manual_seed(0))
     per_caption = out.mean(dim=1)  # (3, 8)
     assert (per_caption - means).abs().max() < 0.5, per_caption
+    # the validation diagnostic sees it: wrong captions make the first token much harder
+    batch = {"tokens": means[:, None, :].expand(3, 6, 8).clone(), "token_mask": torch.ones(3, 6, dtype=torch.bool),
+             "captions": captions}
+    usage = system.caption_usage(batch, seed=0)
+    assert usage["caption_gain"] > 0.5, usage
+    untrained = make_system(sp_model, "mntp.ratio.kind=none").eval()
+    assert abs(float(untrained.caption_usage(batch, seed=0)["caption_gain"])) < 0.05
 
 
 def test_mntp_model_generates_through_the_ntp_path(sp_model):

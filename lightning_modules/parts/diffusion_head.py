@@ -5,9 +5,14 @@
   is the identity and the predicted noise is 0.
 * Schedule: cosine (Nichol & Dhariwal 2021), ``num_train_steps`` = 1000, betas clipped at
   0.999 as in the paper. Training timesteps are 0-based, t in {0, ..., T-1}.
-* Objective: epsilon-prediction, MSE. The variance is *fixed* (the posterior variance
-  ``beta_tilde``, "fixed small"); MAR learns it, which matters little at 100 steps
-  once the first step is made safe (below).
+* Objective (``prediction``): ``"eps"`` — epsilon-prediction, MSE (MAR, the paper) — or
+  ``"v"`` — v-prediction (Salimans & Ho 2022), v = sqrt(abar) eps - sqrt(1 - abar) x0.
+  In terms of the clean-token error, the eps-MSE is SNR_t * |x0 - x0_hat|^2 while the
+  v-MSE is (1 + SNR_t) * |x0 - x0_hat|^2: at high noise (SNR -> 0) the eps loss hardly
+  cares what the network predicts for x0, which is exactly where only the condition z
+  (the text, for the first token) can tell the answer. v keeps that weight >= 1.
+  The variance is *fixed* (the posterior variance ``beta_tilde``, "fixed small"); MAR
+  learns it, which matters little at 100 steps once the first step is made safe (below).
 * Sampling: the T-step chain is respaced to ``num_steps`` evenly spaced timesteps
   (IDDPM's ``space_timesteps``: round(linspace(0, T-1, n))). DDPM ancestral (default) or
   DDIM (``ddim_eta``, 0 = deterministic).
@@ -32,6 +37,7 @@ import torch
 import torch.nn as nn
 
 SAMPLERS = ("ddpm", "ddim")
+PREDICTIONS = ("eps", "v")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -181,16 +187,19 @@ class DiffusionHead(nn.Module):
         clip_x0: clamp the predicted x0 to [-clip_x0, clip_x0] while sampling (the
             first-step safety; None disables it).
         ddim_eta: DDIM stochasticity (0 = deterministic).
-        min_snr_gamma: None (MAR's plain ε-MSE, the paper's loss) or γ for Min-SNR-γ
-            weighting (Hang et al. 2023): each draw is weighted by min(SNR_t, γ) / SNR_t,
-            which shifts the gradient towards the noisy timesteps where the condition matters.
+        min_snr_gamma: None (plain MSE of the prediction) or γ for Min-SNR-γ weighting
+            (Hang et al. 2023): each draw is weighted by min(SNR_t, γ) / SNR_t (eps) or
+            min(SNR_t, γ) / (SNR_t + 1) (v), i.e. the clean-token error weighted min(SNR_t, γ).
+        prediction: "eps" (the paper's) or "v" (see the module docstring).
     """
 
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 3,
                  num_train_steps: int = 1000, schedule: str = "cosine", batch_mul: int = 4,
                  sampler: str = "ddpm", num_sample_steps: int = 100, clip_x0: float | None = 5.0,
-                 ddim_eta: float = 0.0, min_snr_gamma: float | None = None):
+                 ddim_eta: float = 0.0, min_snr_gamma: float | None = None, prediction: str = "eps"):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if schedule != "cosine":
             raise ValueError(f"only the 'cosine' schedule is implemented, got {schedule!r}")
         if sampler not in SAMPLERS:
@@ -200,6 +209,7 @@ class DiffusionHead(nn.Module):
         self.sampler, self.num_sample_steps = sampler, num_sample_steps
         self.clip_x0, self.ddim_eta = clip_x0, ddim_eta
         self.min_snr_gamma = min_snr_gamma
+        self.prediction = prediction
         self.net = DenoiserMLP(token_dim, cond_dim, width, depth)
         # float64 on CPU, deliberately not a buffer: .to(bf16) must not round it
         self.alphas_cumprod = cosine_alphas_cumprod(num_train_steps)
@@ -215,7 +225,7 @@ class DiffusionHead(nn.Module):
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> dict:
-        """Epsilon-prediction loss, ``batch_mul`` noise draws per row.
+        """Diffusion loss (MSE of the eps or v prediction), ``batch_mul`` noise draws per row.
 
         Args:
             target: (N, token_dim) clean tokens x0.
@@ -225,7 +235,7 @@ class DiffusionHead(nn.Module):
                 the global RNG. A seeded generator makes a training step reproducible.
         Returns:
             dict(loss=scalar weighted mean over the N * batch_mul draws,
-                 per_sample=(N * batch_mul,) MSE per draw (float32, detached),
+                 per_sample=(N * batch_mul,) MSE of the prediction per draw (float32, detached),
                  t=(N * batch_mul,) timesteps). Draw r of row i is at index r * N + i.
         """
         if target.shape[0] != z.shape[0]:
@@ -242,22 +252,24 @@ class DiffusionHead(nn.Module):
             eps = torch.randn(x0.shape, device=draw_device, generator=generator).to(x0.device)
         abar = self._abar(x0.device)[t][:, None]  # (N*bm, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-        per_sample = (self.net(x_t, t, z).float() - eps).pow(2).mean(dim=-1)  # (N*bm,)
+        goal = eps if self.prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * x0  # (N*bm, D)
+        per_sample = (self.net(x_t, t, z).float() - goal).pow(2).mean(dim=-1)  # (N*bm,)
         w = torch.ones_like(per_sample) if weight is None else weight.float().repeat(self.batch_mul)
         weighted = per_sample
         if self.min_snr_gamma is not None:
             snr = (abar / (1 - abar)).squeeze(-1).float()  # (N*bm,)
-            weighted = per_sample * snr.clamp(max=self.min_snr_gamma) / snr
+            weighted = per_sample * snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
         loss = (weighted * w).sum() / w.sum().clamp_min(1e-8)
         return dict(loss=loss, per_sample=per_sample.detach(), t=t)
 
     # -------------------------------------------------------------- sampling
 
-    def predict_eps(self, x: torch.Tensor, t: int, z_cond: torch.Tensor, z_uncond: torch.Tensor | None,
-                    cfg_scale: float | torch.Tensor) -> torch.Tensor:
-        """x (B, D) float32, t int -> eps (B, D) float32, with CFG on eps.
+    def predict(self, x: torch.Tensor, t: int, z_cond: torch.Tensor, z_uncond: torch.Tensor | None,
+                cfg_scale: float | torch.Tensor) -> torch.Tensor:
+        """x (B, D) float32, t int -> the network's prediction (eps or v, (B, D) float32), with CFG.
 
-        Conditional and unconditional rows go through ONE forward of 2B rows.
+        Conditional and unconditional rows go through ONE forward of 2B rows. CFG on v
+        equals CFG on eps (both are linear in the prediction for a fixed x_t).
         cfg_scale may be a float or a (B,) tensor (per-row scale).
         """
         B = x.shape[0]
@@ -300,8 +312,11 @@ class DiffusionHead(nn.Module):
 
         x = noise()  # x_T ~ N(0, I)
         for st in steps:
-            eps = self.predict_eps(x, st["t"], z_cond, z_uncond, cfg_scale)
-            x0 = (x - math.sqrt(1 - st["abar"]) * eps) / math.sqrt(st["abar"])
+            out = self.predict(x, st["t"], z_cond, z_uncond, cfg_scale)
+            if self.prediction == "eps":
+                x0 = (x - math.sqrt(1 - st["abar"]) * out) / math.sqrt(st["abar"])
+            else:  # v: x0 = sqrt(abar) x_t - sqrt(1 - abar) v, well conditioned at every t
+                x0 = math.sqrt(st["abar"]) * x - math.sqrt(1 - st["abar"]) * out
             if self.clip_x0 is not None:
                 x0 = x0.clamp(-self.clip_x0, self.clip_x0)
             last = st["t"] == steps[-1]["t"]
