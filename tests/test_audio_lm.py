@@ -246,3 +246,14 @@ def test_mntp_model_generates_through_the_ntp_path(sp_model):
     a = ntp.generate_tokens(CAPTIONS[:2], 5, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     b = mntp.generate_tokens(CAPTIONS[:2], 5, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+
+
+def test_configs_stored_before_the_head_options_existed_still_build():
+    """Checkpoints store their config; one written before ``min_snr_gamma`` / ``prediction``
+    existed builds the head the paper's way (plain ε-MSE), not with the demo's newer defaults."""
+    stored = OmegaConf.to_container(load_config("demo", TINY), resolve=True)
+    for key in ("min_snr_gamma", "prediction"):
+        del stored["model"]["head"][key]
+    head = build_head(OmegaConf.create(stored))
+    assert head.prediction == "eps" and head.min_snr_gamma is None
+    assert build_head(load_config("demo", TINY)).prediction == "v"
