@@ -276,6 +276,7 @@ class AudioLMSystem(L.LightningModule):
         temperature: float | None = None,
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: str | None = None,
     ) -> torch.Tensor:
         """Autoregressive sampling with the KV cache: NTP inference (target = current + 1),
         for NTP and MNTP models alike.
@@ -287,6 +288,7 @@ class AudioLMSystem(L.LightningModule):
             temperature: scales the per-step noise of the diffusion sampler.
             num_steps: reverse diffusion steps per token.
             generator: torch generator on ``self.device`` for reproducible samples.
+            sampler: "ddpm" or "ddim" (default: the checkpoint's ``sample.sampler``).
 
         Returns:
             tokens (B, N, token_dim) in the normalised latent space.
@@ -310,7 +312,8 @@ class AudioLMSystem(L.LightningModule):
         for i in range(num_tokens):
             z_cond, z_uncond = (z[:batch_size], z[batch_size:]) if guided else (z, None)
             x = self.head.sample(
-                z_cond, z_uncond, cfg_scale=cfg_scale, temperature=temperature, num_steps=num_steps, generator=generator
+                z_cond, z_uncond, cfg_scale=cfg_scale, temperature=temperature, num_steps=num_steps,
+                sampler=sampler, generator=generator,
             )  # (B, token_dim)
             out[:, i] = x.float()
             if i + 1 < num_tokens:

@@ -257,3 +257,37 @@ def test_configs_stored_before_the_head_options_existed_still_build():
     head = build_head(OmegaConf.create(stored))
     assert head.prediction == "eps" and head.min_snr_gamma is None
     assert build_head(load_config("demo", TINY)).prediction == "v"
+
+
+def test_sampler_choice_reaches_the_head(sp_model, monkeypatch):
+    """``sample.sampler`` given at generation time (make generate / make eval overrides) is
+    the sampler that runs — not silently the one stored in the checkpoint."""
+    from experiments.pipeline import render_fn
+
+    system = make_system(sp_model, "sample.sampler=ddpm").eval()
+    seen = []
+    original = system.head.sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("sampler"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(system.head, "sample", spy)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ddpm = system.generate_tokens(CAPTIONS[:2], 3, generator=g())
+    ddim = system.generate_tokens(CAPTIONS[:2], 3, generator=g(), sampler="ddim")
+    assert seen[:3] == [None] * 3 and seen[3:6] == ["ddim"] * 3 and not torch.equal(ddpm, ddim)
+
+    class FakePretransform:  # render_fn only needs these
+        tokens_per_second = 2.0
+
+        def to(self, device):
+            return self
+
+        def decode(self, latents, normalized):
+            return latents.flatten(1)
+
+    cfg = load_config("demo", [*TINY, "sample.sampler=ddim"])
+    seen.clear()
+    render_fn(cfg, FakePretransform(), seconds=1.5, generator_seed=0)(system, CAPTIONS[:2])
+    assert seen == ["ddim"] * 3
