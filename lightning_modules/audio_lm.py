@@ -198,7 +198,7 @@ class AudioLMSystem(L.LightningModule):
         so NTP and MNTP runs are compared on the same quantity; plus :meth:`caption_usage`."""
         batch_size = batch["tokens"].shape[0]
         usage = self.caption_usage(batch, seed=int(self.cfg.seed) + batch_idx)
-        self.log("val/loss", usage["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("val/loss", usage["out"]["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
         self._log_loss_by_timestep("val", usage["out"], batch_size)
         for key in ("loss_shuffled", "first_token_loss", "first_token_loss_shuffled", "caption_gain"):
             if key in usage:
@@ -215,13 +215,13 @@ class AudioLMSystem(L.LightningModule):
         shuffled is ≈ 0 while the text is ignored and approaches 1 when the text decides it.
 
         Returns:
-            dict with ``loss`` (scalar), ``out`` (the :meth:`diffusion_loss` dict) and, for
+            dict with ``out`` (the :meth:`diffusion_loss` dict of the true captions) and, for
             batches of two or more clips, ``loss_shuffled``, ``first_token_loss``,
             ``first_token_loss_shuffled`` and ``caption_gain`` (scalars).
         """
         zeros = torch.zeros(batch["tokens"].shape[0])
         out = self.diffusion_loss(batch, zeros, torch.Generator().manual_seed(seed), p_uncond=0.0)
-        usage: dict[str, Any] = {"loss": out["loss"], "out": out}
+        usage: dict[str, Any] = {"out": out}
         if len(batch["captions"]) < 2:
             return usage
         shuffled = dict(batch, captions=list(batch["captions"][1:]) + list(batch["captions"][:1]))
