@@ -17,6 +17,7 @@ tokens to audio is the pretransform's job (see ``experiments/generate.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -146,7 +147,12 @@ class AudioLMSystem(L.LightningModule):
         return torch.Generator().manual_seed(seed)
 
     def diffusion_loss(
-        self, batch: dict[str, Any], ratios: torch.Tensor, generator: torch.Generator, p_uncond: float
+        self,
+        batch: dict[str, Any],
+        ratios: torch.Tensor,
+        generator: torch.Generator,
+        p_uncond: float,
+        input_noise: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """The (M)NTP loss of a batch.
 
@@ -156,6 +162,11 @@ class AudioLMSystem(L.LightningModule):
             generator: CPU generator for token dropping, text dropout and the diffusion
                 noise (t, ε): a step is a function of (seed, global step, rank, batch).
             p_uncond: probability of replacing a sample's caption with the null prefix.
+            input_noise: largest std of the Gaussian noise added to the decoder's *input*
+                tokens (normalised units); each sample draws its std uniformly from
+                [0, input_noise]. Targets stay clean, so the decoder learns to predict the
+                next token from an imperfect context — the context it sees when it
+                generates from its own samples. 0: no noise.
 
         Returns:
             dict with ``loss`` (scalar), ``per_sample`` (K,) losses of every (target, t, ε)
@@ -174,6 +185,11 @@ class AudioLMSystem(L.LightningModule):
             predict_skipped=self.cfg.mntp.predict_skipped,
             generator=generator,
         )
+        if input_noise > 0:
+            sigma = torch.rand(batch_size, 1, 1, generator=generator) * input_noise  # (B, 1, 1)
+            noise = torch.randn(inputs.tokens.shape, generator=generator) * sigma
+            noise = noise.to(inputs.tokens.device, inputs.tokens.dtype) * inputs.token_mask.unsqueeze(-1)
+            inputs = dataclasses.replace(inputs, tokens=inputs.tokens + noise)
         z = self.decoder(
             prefix, prefix_mask, inputs.tokens, inputs.position_ids, inputs.target_ids, inputs.token_mask
         )  # (B, M+1, W)
@@ -185,7 +201,10 @@ class AudioLMSystem(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = self._step_generator(salt=0)
         ratios = self.ratio_sampler.sample(batch["tokens"].shape[0], generator)
-        out = self.diffusion_loss(batch, ratios, generator, p_uncond=float(self.cfg.text.p_uncond))
+        out = self.diffusion_loss(
+            batch, ratios, generator, p_uncond=float(self.cfg.text.p_uncond),
+            input_noise=float(self.cfg.model.get("input_noise", 0.0)),  # absent from older checkpoints
+        )
         batch_size = batch["tokens"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
         self.log("train/mask_ratio", ratios.mean(), batch_size=batch_size)

@@ -291,3 +291,44 @@ def test_sampler_choice_reaches_the_head(sp_model, monkeypatch):
     seen.clear()
     render_fn(cfg, FakePretransform(), seconds=1.5, generator_seed=0)(system, CAPTIONS[:2])
     assert seen == ["ddim"] * 3
+
+
+def test_input_noise_reaches_the_decoder_inputs_only(sp_model, monkeypatch):
+    """``model.input_noise``: the decoder sees noisy input tokens (each sample its own noise
+    level, at most input_noise, padding untouched) while the head's targets stay the clean
+    tokens; validation (caption_usage) and input_noise 0 see the clean inputs."""
+    system = make_system(sp_model, "model.input_noise=0.5")
+    batch = make_batch()
+    seen = {}
+    decoder_forward, head_loss = system.decoder.forward, system.head.loss
+
+    def decoder_spy(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask):
+        seen["inputs"], seen["mask"] = tokens.detach().clone(), token_mask.clone()
+        return decoder_forward(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask)
+
+    def head_spy(targets, z, generator=None):
+        seen["targets"] = targets.detach().clone()
+        return head_loss(targets, z, generator=generator)
+
+    monkeypatch.setattr(system.decoder, "forward", decoder_spy)
+    monkeypatch.setattr(system.head, "loss", head_spy)
+    monkeypatch.setattr(system.ratio_sampler, "sample", lambda batch_size, generator: torch.zeros(batch_size))
+    clean = batch["tokens"]
+    valid = batch["token_mask"]
+
+    system.training_step(batch, 0)
+    noise = seen["inputs"] - clean
+    per_sample_std = torch.stack([noise[b][valid[b]].std() for b in range(4)])
+    assert (per_sample_std > 0).all() and (per_sample_std < 0.5 * 1.2).all()
+    assert per_sample_std.max() / per_sample_std.min() > 1.2  # levels differ between samples
+    assert torch.equal(noise[~valid], torch.zeros_like(noise[~valid]))  # padding stays zero
+    # NTP: slot j predicts token j — the targets are every valid clean token, in order
+    assert torch.equal(seen["targets"], torch.cat([clean[b][valid[b]] for b in range(4)]))
+
+    system.caption_usage(batch, seed=0)
+    assert torch.equal(seen["inputs"], clean)
+    quiet = make_system(sp_model, "model.input_noise=0.0")
+    monkeypatch.setattr(quiet.decoder, "forward", decoder_spy)
+    monkeypatch.setattr(quiet.ratio_sampler, "sample", lambda batch_size, generator: torch.zeros(batch_size))
+    quiet.training_step(batch, 0)
+    assert torch.equal(seen["inputs"], clean)
