@@ -303,7 +303,7 @@ def test_input_noise_reaches_the_decoder_inputs_only(sp_model, monkeypatch):
     decoder_forward, head_loss = system.decoder.forward, system.head.loss
 
     def decoder_spy(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask):
-        seen["inputs"], seen["mask"] = tokens.detach().clone(), token_mask.clone()
+        seen["inputs"] = tokens.detach().clone()
         return decoder_forward(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask)
 
     def head_spy(targets, z, generator=None):
