@@ -47,6 +47,7 @@ def build_decoder(cfg: DictConfig, max_prefix_len: int) -> CausalDecoder:
         max_tokens=model.max_tokens,
         dropout=model.dropout,
         target_embedding=cfg.mntp.target_embedding,
+        rope=model.rope,
     )
 
 

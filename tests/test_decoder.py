@@ -3,7 +3,9 @@ parameter counts of the paper sizes (on the meta device)."""
 import pytest
 import torch
 
-from lightning_modules.parts.decoder import CausalDecoder, count_parameters, decay_parameter_groups
+from lightning_modules.parts.decoder import (
+    CausalDecoder, RotaryEmbedding, apply_rotary, count_parameters, decay_parameter_groups,
+)
 from lightning_modules.parts.diffusion_head import DiffusionHead
 
 TOKEN_DIM, WIDTH, L = 6, 32, 5
@@ -24,9 +26,9 @@ def padded_prefix(B=3):
     return prefix, mask
 
 
-@pytest.mark.parametrize("mode", ["output", "input", "none"])
-def test_causality_through_gradients(mode):
-    dec = tiny(mode)
+@pytest.mark.parametrize("mode,rope", [("output", False), ("input", False), ("none", False), ("output", True)])
+def test_causality_through_gradients(mode, rope):
+    dec = tiny(mode, rope=rope)
     B, M = 3, 7
     prefix, pmask = padded_prefix(B)
     prefix.requires_grad_(True)
@@ -60,9 +62,10 @@ def test_token_padding_is_masked():
     assert dec(prefix, pmask, tokens[:, :0]).shape == (2, 1, WIDTH)  # BOS only
 
 
-@pytest.mark.parametrize("mode", ["output", "input", "none"])
-def test_kv_cache_matches_full_forward(mode):
-    dec = tiny(mode)
+@pytest.mark.parametrize("mode,rope", [("output", False), ("input", False), ("none", False),
+                                       ("output", True), ("input", True)])
+def test_kv_cache_matches_full_forward(mode, rope):
+    dec = tiny(mode, rope=rope)
     B, M = 3, 8
     prefix, pmask = padded_prefix(B)
     tokens = torch.randn(B, M, TOKEN_DIM)
@@ -79,9 +82,10 @@ def test_kv_cache_matches_full_forward(mode):
         dec.step(tokens[:, 0], M, M, cache)
 
 
-def test_dropped_tokens_explicit_ids():
+@pytest.mark.parametrize("rope", [False, True])
+def test_dropped_tokens_explicit_ids(rope):
     """MNTP input: kept tokens keep their original indices, targets are later tokens."""
-    dec = tiny("output")
+    dec = tiny("output", rope=rope)
     B, N = 2, 10
     prefix, pmask = padded_prefix(B)
     x = torch.randn(B, N, TOKEN_DIM)
@@ -99,6 +103,39 @@ def test_dropped_tokens_explicit_ids():
     for j, k in enumerate(keep.tolist()):
         zs.append(dec.step(x[:, k], k, int(tgt[0, j + 1]), cache))
     torch.testing.assert_close(torch.stack(zs, 1), z, atol=1e-4, rtol=1e-4)
+
+
+def test_rotary_scores_depend_only_on_the_time_difference():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(8)
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+
+    def score(tq, tk):
+        rq = apply_rotary(q, rope(torch.tensor([[tq]])))
+        rk = apply_rotary(k, rope(torch.tensor([[tk]])))
+        return (rq * rk).sum(-1)  # (1, 2, 1)
+
+    torch.testing.assert_close(score(7, 3), score(24, 20), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score(7, 3), score(7, 4), atol=1e-3)
+    x = torch.randn(2, 3, 5, 8)  # a rotation: norms are kept
+    rx = apply_rotary(x, rope(torch.arange(5).expand(2, 5)))
+    torch.testing.assert_close(rx.norm(dim=-1), x.norm(dim=-1))
+    with pytest.raises(ValueError, match="even"):
+        RotaryEmbedding(7)
+
+
+def test_rotary_times_of_dropped_tokens_matter():
+    """With rope, the same kept tokens at other original indices give other outputs even
+    without learned absolute embeddings: the rotary times follow the position ids."""
+    dec = tiny("none", rope=True)
+    with torch.no_grad():
+        dec.audio_pos.weight.zero_()
+    prefix, pmask = padded_prefix(2)
+    x = torch.randn(2, 3, TOKEN_DIM)
+    z_near = dec(prefix, pmask, x, torch.tensor([0, 1, 2]).expand(2, 3))
+    z_far = dec(prefix, pmask, x, torch.tensor([0, 4, 8]).expand(2, 3))
+    torch.testing.assert_close(z_near[:, :2], z_far[:, :2])  # BOS and token 0 see the same past
+    assert not torch.allclose(z_near[:, 2:], z_far[:, 2:], atol=1e-4)
 
 
 def test_decay_groups_and_count():

@@ -21,8 +21,16 @@ Where the target embedding enters (``target_embedding``):
   (BOS or token j). Causal, because it carries no content of any other token.
 * ``"none"``: no target embedding (plain NTP).
 
+Positions: learned absolute embeddings (prefix slot i, BOS, audio token k -> ``audio_pos``)
+always; with ``rope=True`` also rotary embeddings on queries and keys, at the *sequence
+time* of each slot: prefix slot i -> i, BOS -> L, audio token with original index k ->
+L + 1 + k (so MNTP's dropped tokens leave true gaps, and generation uses the same times).
+Attention scores then depend on how far apart two tokens are, which makes a rhythm (a
+4 Hz pulse is "the same as 6 tokens ago") one pattern instead of one per absolute position.
+
 Generation uses :class:`KVCache`: preallocated per-layer ``k, v`` of shape
 ``(B, H, max_len, hd)`` plus a key-validity mask that keeps the prefix padding masked.
+Keys are cached after rotation.
 """
 from __future__ import annotations
 
@@ -33,6 +41,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TARGET_EMBEDDINGS = ("output", "input", "none")
+
+
+# ----------------------------------------------------------------------------- rotary positions
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer), "rotate half" layout.
+
+    ``forward(times)`` with times (B, T) long -> (cos, sin), each (B, 1, T, hd) float32,
+    to be used by :func:`apply_rotary` on (B, H, T, hd) queries and keys.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2 != 0:
+            raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = times.float()[..., None] * self.inv_freq  # (B, T, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, hd)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """x (B, H, T, hd) rotated by rope = (cos, sin) each (B, 1, T, hd); None -> x unchanged."""
+    if rope is None:
+        return x
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, hd)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -69,10 +110,11 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, Tq, H * hd)  # (B, Tq, W)
         return self.resid_drop(self.proj(y))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, W), attn_mask bool (B, 1, T, T) True=attend -> (B, T, W)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, W), attn_mask bool (B, 1, T, T) True=attend, rope (cos, sin) or None -> (B, T, W)."""
         q, k, v = self.qkv_heads(x)
-        return self.attend(q, k, v, attn_mask)
+        return self.attend(apply_rotary(q, rope), apply_rotary(k, rope), v, attn_mask)
 
 
 class MLP(nn.Module):
@@ -102,14 +144,16 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, W), attn_mask bool (B, 1, T, T) -> (B, T, W)."""
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, W), attn_mask bool (B, 1, T, T), rope (cos, sin) or None -> (B, T, W)."""
+        x = x + self.attn(self.ln_1(x), attn_mask, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
     def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             pos: int, key_valid: torch.Tensor) -> torch.Tensor:
+             pos: int, key_valid: torch.Tensor,
+             rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One new position with a preallocated cache.
 
         Args:
@@ -117,10 +161,12 @@ class Block(nn.Module):
             k_cache, v_cache: (B, H, max_len, hd); slot ``pos`` is written here.
             pos: index of the new position in the cache.
             key_valid: (B, pos + 1) bool, which cached keys may be attended.
+            rope: (cos, sin) each (B, 1, 1, hd) at the new position's time, or None.
         Returns:
             (B, 1, W)
         """
         q, k, v = self.attn.qkv_heads(self.ln_1(x))  # (B, H, 1, hd) each
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         k_cache[:, :, pos:pos + 1] = k
         v_cache[:, :, pos:pos + 1] = v
         mask = key_valid[:, None, None, :]  # (B, 1, 1, pos+1)
@@ -165,6 +211,7 @@ class KVCache:
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0
+        self.prefix_len = 0  # L, set by prefill (rotary times of later tokens start at L + 1)
 
     def reset(self) -> None:
         """Reuse the buffers for a new batch (contents are overwritten on fill)."""
@@ -192,11 +239,12 @@ class CausalDecoder(nn.Module):
         max_tokens: longest audio sequence (256 for 10.24 s).
         dropout: attention / residual dropout.
         target_embedding: "output" | "input" | "none" (see module docstring).
+        rope: also rotary position embeddings in attention (see module docstring).
     """
 
     def __init__(self, token_dim: int, width: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                  max_prefix_len: int = 78, max_tokens: int = 256, dropout: float = 0.0,
-                 target_embedding: str = "output"):
+                 target_embedding: str = "output", rope: bool = False):
         super().__init__()
         if target_embedding not in TARGET_EMBEDDINGS:
             raise ValueError(f"target_embedding must be one of {TARGET_EMBEDDINGS}, got {target_embedding!r}")
@@ -213,6 +261,7 @@ class CausalDecoder(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, dropout) for _ in range(depth)])
         self.ln_f = nn.LayerNorm(width)
+        self.rope = RotaryEmbedding(width // heads) if rope else None
 
         init_transformer_weights(self, depth)
         nn.init.normal_(self.bos, std=0.02)
@@ -249,6 +298,10 @@ class CausalDecoder(nn.Module):
         if self.target_embedding == "output":
             z = z + self.target_pos(target_ids)  # after the final LN: output path only
         return z
+
+    def _rope(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """times (B, T) long sequence times (module docstring) -> (cos, sin) or None without rope."""
+        return self.rope(times) if self.rope is not None else None
 
     # -------------------------------------------------------------- training forward
 
@@ -297,8 +350,12 @@ class CausalDecoder(nn.Module):
 
         key_valid = torch.cat([prefix_mask.bool(), out_valid], dim=1)  # (B, S)
         attn_mask = self.attention_mask(key_valid)  # (B, 1, S, S)
+        rope = None
+        if self.rope is not None:
+            times = torch.cat([torch.arange(L + 1, device=device).expand(B, L + 1), L + 1 + position_ids], dim=1)
+            rope = self._rope(times)  # (B, 1, S, hd) each
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, rope)
         return self._output(x[:, L:], target_ids)  # (B, M + 1, W)
 
     @staticmethod
@@ -349,8 +406,11 @@ class CausalDecoder(nn.Module):
         key_valid = torch.cat([prefix_mask.bool(), torch.ones_like(prefix_mask[:, :1], dtype=torch.bool)], 1)
         attn_mask = self.attention_mask(key_valid)  # (B, 1, L+1, L+1)
         S = L + 1
+        rope = self._rope(torch.arange(S, device=prefix.device).expand(B, S))
+        cache.prefix_len = L
         for block, kc, vc in zip(self.blocks, cache.k, cache.v):
             q, k, v = block.attn.qkv_heads(block.ln_1(x))  # (B, H, S, hd)
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
             kc[:, :, :S] = k
             vc[:, :, :S] = v
             x = x + block.attn.attend(q, k, v, attn_mask)
@@ -382,8 +442,9 @@ class CausalDecoder(nn.Module):
         x = self._embed_tokens(token[:, None], pid, tid)  # (B, 1, W)
         cache.key_valid[:, pos] = True
         key_valid = cache.key_valid[:, :pos + 1]  # (B, pos+1)
+        rope = self._rope(cache.prefix_len + 1 + pid)  # time of the token: L + 1 + position id
         for block, kc, vc in zip(self.blocks, cache.k, cache.v):
-            x = block.step(x, kc, vc, pos, key_valid)
+            x = block.step(x, kc, vc, pos, key_valid, rope)
         cache.length = pos + 1
         return self._output(x, tid)[:, 0]  # (B, W)
 
