@@ -350,10 +350,8 @@ class CausalDecoder(nn.Module):
 
         key_valid = torch.cat([prefix_mask.bool(), out_valid], dim=1)  # (B, S)
         attn_mask = self.attention_mask(key_valid)  # (B, 1, S, S)
-        rope = None
-        if self.rope is not None:
-            times = torch.cat([torch.arange(L + 1, device=device).expand(B, L + 1), L + 1 + position_ids], dim=1)
-            rope = self._rope(times)  # (B, 1, S, hd) each
+        times = torch.cat([torch.arange(L + 1, device=device).expand(B, L + 1), L + 1 + position_ids], dim=1)  # (B, S)
+        rope = self._rope(times)  # (B, 1, S, hd) each, or None
         for block in self.blocks:
             x = block(x, attn_mask, rope)
         return self._output(x[:, L:], target_ids)  # (B, M + 1, W)
