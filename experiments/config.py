@@ -169,8 +169,13 @@ def config_to_yaml(cfg: DictConfig) -> str:
 
 
 def config_from_container(container: dict) -> DictConfig:
-    """Rebuild a struct-mode config from a plain dict (as stored in a checkpoint)."""
-    cfg = OmegaConf.create(container)
+    """Rebuild a struct-mode config from a plain dict (as stored in a checkpoint).
+
+    Keys added to ``base.yaml`` after the checkpoint was written take their base value
+    (new keys default to the behaviour that existed before them); every key the
+    checkpoint stores keeps its stored value.
+    """
+    cfg = OmegaConf.merge(_load_yaml(BASE_CONFIG), OmegaConf.create(container))
     OmegaConf.set_struct(cfg, True)
     return cfg
 

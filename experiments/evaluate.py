@@ -190,6 +190,7 @@ def generation_settings(ckpt: Path, lm_cfg: DictConfig, cfg: DictConfig, seconds
         "checkpoint_mtime": stat.st_mtime,
         "seconds": seconds,
         "cfg_scale": sample.cfg_scale,
+        "cfg_schedule": sample.cfg_schedule,
         "steps": sample.steps,
         "temperature": sample.temperature,
         "sampler": sample.sampler,

@@ -324,7 +324,8 @@ def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float,
         with torch.autocast(device_type=system.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             tokens = system.generate_tokens(
                 captions, num_tokens, cfg_scale=sample.cfg_scale, temperature=sample.temperature,
-                num_steps=sample.steps, sampler=sample.sampler, generator=generator,
+                num_steps=sample.steps, sampler=sample.sampler, cfg_schedule=sample.cfg_schedule,
+                generator=generator,
             )
         latents = system.denormalize(tokens.float())
         pretransform.to(system.device)

@@ -32,6 +32,21 @@ from lightning_modules.parts.masking import MaskRatioSampler, make_mntp_inputs
 from lightning_modules.parts.text_conditioning import apply_text_dropout, build_text_conditioner
 
 NUM_TIMESTEP_BUCKETS = 10  # loss is also logged per tenth of the diffusion timestep range
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def guidance_scales(cfg_scale: float, schedule: str, num_tokens: int) -> list[float]:
+    """The classifier-free guidance scale of each of ``num_tokens`` generated tokens.
+
+    "constant": ``cfg_scale`` everywhere. "linear" (MAR's schedule): token i is guided with
+    1 + (cfg_scale - 1) i / num_tokens, so the first token, which has no audio history and
+    whose conditional and unconditional predictions differ most, is not pushed off the data.
+    """
+    if schedule == "constant":
+        return [cfg_scale] * num_tokens
+    if schedule == "linear":
+        return [1.0 + (cfg_scale - 1.0) * i / num_tokens for i in range(num_tokens)]
+    raise ValueError(f"sample.cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
 
 
 def build_decoder(cfg: DictConfig, max_prefix_len: int) -> CausalDecoder:
@@ -297,6 +312,7 @@ class AudioLMSystem(L.LightningModule):
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
         sampler: str | None = None,
+        cfg_schedule: str | None = None,
     ) -> torch.Tensor:
         """Autoregressive sampling with the KV cache: NTP inference (target = current + 1),
         for NTP and MNTP models alike.
@@ -309,12 +325,17 @@ class AudioLMSystem(L.LightningModule):
             num_steps: reverse diffusion steps per token.
             generator: torch generator on ``self.device`` for reproducible samples.
             sampler: "ddpm" or "ddim" (default: the checkpoint's ``sample.sampler``).
+            cfg_schedule: "constant" (``cfg_scale`` for every token) or "linear" (token i of N
+                is guided with 1 + (cfg_scale - 1) i / N, as in MAR: the first token, which
+                has no audio history, is sampled unguided; default: ``sample.cfg_schedule``).
 
         Returns:
             tokens (B, N, token_dim) in the normalised latent space.
         """
         sample_cfg = self.cfg.sample
         cfg_scale = float(sample_cfg.cfg_scale if cfg_scale is None else cfg_scale)
+        cfg_schedule = str(sample_cfg.get("cfg_schedule", "constant") if cfg_schedule is None else cfg_schedule)
+        token_scales = guidance_scales(cfg_scale, cfg_schedule, num_tokens)
         temperature = float(sample_cfg.temperature if temperature is None else temperature)
         if num_tokens > self.decoder.max_tokens:
             raise ValueError(f"num_tokens={num_tokens} exceeds model.max_tokens={self.decoder.max_tokens}")
@@ -332,7 +353,7 @@ class AudioLMSystem(L.LightningModule):
         for i in range(num_tokens):
             z_cond, z_uncond = (z[:batch_size], z[batch_size:]) if guided else (z, None)
             x = self.head.sample(
-                z_cond, z_uncond, cfg_scale=cfg_scale, temperature=temperature, num_steps=num_steps,
+                z_cond, z_uncond, cfg_scale=token_scales[i], temperature=temperature, num_steps=num_steps,
                 sampler=sampler, generator=generator,
             )  # (B, token_dim)
             out[:, i] = x.float()

@@ -150,3 +150,20 @@ def test_train_cli_unknown_experiment_fails_at_once():
 def test_train_cli_misspelled_key_fails_at_once():
     result = _run_train_cli("demo", "optim.lrr=1")
     assert result.returncode == 2 and "optim.lrr" in result.stderr
+
+
+def test_checkpoint_config_gains_keys_added_to_base_later_and_keeps_stored_values():
+    """A checkpoint's stored config predates newer base keys: those take their base value
+    (defined so the old behaviour is kept) and every stored value wins over base."""
+    from omegaconf import OmegaConf
+
+    from experiments.config import config_from_container
+
+    stored = OmegaConf.to_container(load_config("demo"), resolve=True)
+    del stored["sample"]["cfg_schedule"]
+    stored["sample"]["cfg_scale"] = 7.0
+    cfg = config_from_container(stored)
+    assert cfg.sample.cfg_schedule == "constant" and cfg.sample.cfg_scale == 7.0
+    assert cfg.model.token_dim == stored["model"]["token_dim"]
+    with pytest.raises(Exception):
+        cfg.sample.cfg_schedul = "linear"  # still struct mode
