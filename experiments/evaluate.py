@@ -191,6 +191,7 @@ def generation_settings(ckpt: Path, lm_cfg: DictConfig, cfg: DictConfig, seconds
         "seconds": seconds,
         "cfg_scale": sample.cfg_scale,
         "cfg_schedule": sample.cfg_schedule,
+        "cfg_rescale": sample.cfg_rescale,
         "steps": sample.steps,
         "temperature": sample.temperature,
         "sampler": sample.sampler,

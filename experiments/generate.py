@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="audio length (default: the checkpoint's sample.seconds)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     parser.add_argument("--cfg-schedule", choices=["constant", "linear"], help="guidance scale per token (default: the checkpoint's sample.cfg_schedule)")
+    parser.add_argument("--cfg-rescale", type=float, help="guidance rescale in [0, 1] (default: the checkpoint's sample.cfg_rescale)")
     parser.add_argument("--steps", type=int, help="reverse diffusion steps per token")
     parser.add_argument("--temperature", type=float, help="diffusion sampling temperature")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         sample.cfg_scale = args.cfg
     if args.cfg_schedule is not None:
         sample.cfg_schedule = args.cfg_schedule
+    if args.cfg_rescale is not None:
+        sample.cfg_rescale = args.cfg_rescale
     if args.steps is not None:
         sample.steps = args.steps
     if args.temperature is not None:
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": sample.seconds,
         "cfg_scale": sample.cfg_scale,
         "cfg_schedule": sample.cfg_schedule,
+        "cfg_rescale": sample.cfg_rescale,
         "steps": sample.steps,
         "temperature": sample.temperature,
         "sampler": sample.sampler,

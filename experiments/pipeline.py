@@ -325,7 +325,7 @@ def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float,
             tokens = system.generate_tokens(
                 captions, num_tokens, cfg_scale=sample.cfg_scale, temperature=sample.temperature,
                 num_steps=sample.steps, sampler=sample.sampler, cfg_schedule=sample.cfg_schedule,
-                generator=generator,
+                cfg_rescale=sample.cfg_rescale, generator=generator,
             )
         latents = system.denormalize(tokens.float())
         pretransform.to(system.device)

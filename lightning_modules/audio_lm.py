@@ -313,6 +313,7 @@ class AudioLMSystem(L.LightningModule):
         generator: torch.Generator | None = None,
         sampler: str | None = None,
         cfg_schedule: str | None = None,
+        cfg_rescale: float | None = None,
     ) -> torch.Tensor:
         """Autoregressive sampling with the KV cache: NTP inference (target = current + 1),
         for NTP and MNTP models alike.
@@ -328,6 +329,8 @@ class AudioLMSystem(L.LightningModule):
             cfg_schedule: "constant" (``cfg_scale`` for every token) or "linear" (token i of N
                 is guided with 1 + (cfg_scale - 1) i / N, as in MAR: the first token, which
                 has no audio history, is sampled unguided; default: ``sample.cfg_schedule``).
+            cfg_rescale: guidance rescale φ in [0, 1] (``DiffusionHead.predict``; default:
+                ``sample.cfg_rescale``).
 
         Returns:
             tokens (B, N, token_dim) in the normalised latent space.
@@ -336,6 +339,9 @@ class AudioLMSystem(L.LightningModule):
         cfg_scale = float(sample_cfg.cfg_scale if cfg_scale is None else cfg_scale)
         cfg_schedule = str(sample_cfg.get("cfg_schedule", "constant") if cfg_schedule is None else cfg_schedule)
         token_scales = guidance_scales(cfg_scale, cfg_schedule, num_tokens)
+        cfg_rescale = float(sample_cfg.get("cfg_rescale", 0.0) if cfg_rescale is None else cfg_rescale)
+        if not 0.0 <= cfg_rescale <= 1.0:
+            raise ValueError(f"sample.cfg_rescale must be in [0, 1], got {cfg_rescale}")
         temperature = float(sample_cfg.temperature if temperature is None else temperature)
         if num_tokens > self.decoder.max_tokens:
             raise ValueError(f"num_tokens={num_tokens} exceeds model.max_tokens={self.decoder.max_tokens}")
@@ -354,7 +360,7 @@ class AudioLMSystem(L.LightningModule):
             z_cond, z_uncond = (z[:batch_size], z[batch_size:]) if guided else (z, None)
             x = self.head.sample(
                 z_cond, z_uncond, cfg_scale=token_scales[i], temperature=temperature, num_steps=num_steps,
-                sampler=sampler, generator=generator,
+                sampler=sampler, generator=generator, cfg_rescale=cfg_rescale,
             )  # (B, token_dim)
             out[:, i] = x.float()
             if i + 1 < num_tokens:

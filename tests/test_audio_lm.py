@@ -365,3 +365,20 @@ def test_linear_cfg_schedule_guides_the_first_token_not_at_all_then_ramps(sp_mod
     assert seen == [1.0, 2.0, 3.0, 4.0, 1.0] + [5.0] * 4
     torch.testing.assert_close(linear[:, 0], unguided[:, 0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(linear[:, 0], constant[:, 0], atol=1e-3)
+
+
+def test_cfg_rescale_reaches_the_head_and_bad_values_fail(sp_model, monkeypatch):
+    system = make_system(sp_model, "sample.cfg_rescale=0.7").eval()
+    seen = []
+    original = system.head.sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["cfg_rescale"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(system.head, "sample", spy)
+    system.generate_tokens(CAPTIONS[:2], 2, cfg_scale=3.0)
+    system.generate_tokens(CAPTIONS[:2], 1, cfg_scale=3.0, cfg_rescale=0.0)
+    assert seen == [0.7, 0.7, 0.0]
+    with pytest.raises(ValueError, match="sample.cfg_rescale"):
+        system.generate_tokens(CAPTIONS[:2], 1, cfg_rescale=1.5)

@@ -165,3 +165,21 @@ def test_v_prediction_loss_target():
     torch.testing.assert_close(out["per_sample"], v.pow(2).mean(-1))
     with pytest.raises(ValueError, match="prediction"):
         DiffusionHead(token_dim=4, cond_dim=3, prediction="x0")
+
+
+def test_guidance_rescale_matches_the_conditional_std_and_keeps_the_direction(mog_head):
+    """cfg_rescale φ: φ = 1 gives the guided prediction rescaled to each row's conditional
+    std (same direction); φ = 0 is plain CFG; in between mixes the two linearly."""
+    z = F.one_hot(torch.full((50,), 1), 3).float()
+    z_null = torch.zeros_like(z)
+    x = torch.randn(50, mog_head.token_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = mog_head.predict(x, 500, z, None, 1.0)
+        plain = mog_head.predict(x, 500, z, z_null, 5.0)
+        full = mog_head.predict(x, 500, z, z_null, 5.0, cfg_rescale=1.0)
+        half = mog_head.predict(x, 500, z, z_null, 5.0, cfg_rescale=0.5)
+    assert torch.equal(mog_head.predict(x, 500, z, z_null, 5.0, cfg_rescale=0.0), plain)
+    torch.testing.assert_close(full.std(-1), cond.std(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(F.cosine_similarity(full, plain, dim=-1), torch.ones(50), atol=1e-5, rtol=0)
+    assert not torch.allclose(full, plain, atol=1e-2)
+    torch.testing.assert_close(half, 0.5 * (full + plain), atol=1e-5, rtol=1e-5)

@@ -265,12 +265,15 @@ class DiffusionHead(nn.Module):
     # -------------------------------------------------------------- sampling
 
     def predict(self, x: torch.Tensor, t: int, z_cond: torch.Tensor, z_uncond: torch.Tensor | None,
-                cfg_scale: float | torch.Tensor) -> torch.Tensor:
+                cfg_scale: float | torch.Tensor, cfg_rescale: float = 0.0) -> torch.Tensor:
         """x (B, D) float32, t int -> the network's prediction (eps or v, (B, D) float32), with CFG.
 
         Conditional and unconditional rows go through ONE forward of 2B rows. CFG on v
         equals CFG on eps (both are linear in the prediction for a fixed x_t).
-        cfg_scale may be a float or a (B,) tensor (per-row scale).
+        cfg_scale may be a float or a (B,) tensor (per-row scale). cfg_rescale = φ in [0, 1]
+        (Lin et al. 2024, diffusers' ``guidance_rescale``): the guided prediction is rescaled
+        to the per-row std of the conditional one and mixed back, φ·rescaled + (1 − φ)·guided,
+        which keeps guidance from pushing a token's magnitude off the data.
         """
         B = x.shape[0]
         use_cfg = z_uncond is not None and not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0)
@@ -281,12 +284,16 @@ class DiffusionHead(nn.Module):
         eps = self.net(torch.cat([x, x]), tt, torch.cat([z_cond, z_uncond])).float()  # (2B, D)
         eps_c, eps_u = eps[:B], eps[B:]
         s = cfg_scale[:, None].float() if torch.is_tensor(cfg_scale) else cfg_scale
-        return eps_u + s * (eps_c - eps_u)
+        guided = eps_u + s * (eps_c - eps_u)
+        if cfg_rescale > 0:
+            rescaled = guided * (eps_c.std(dim=-1, keepdim=True) / guided.std(dim=-1, keepdim=True).clamp_min(1e-8))
+            guided = cfg_rescale * rescaled + (1 - cfg_rescale) * guided
+        return guided
 
     @torch.no_grad()
     def sample(self, z_cond: torch.Tensor, z_uncond: torch.Tensor | None = None, cfg_scale: float = 1.0,
                temperature: float = 1.0, num_steps: int | None = None, sampler: str | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, cfg_rescale: float = 0.0) -> torch.Tensor:
         """Draw one token per row by the respaced reverse chain.
 
         Args:
@@ -298,6 +305,7 @@ class DiffusionHead(nn.Module):
             num_steps: respaced steps (default ``num_sample_steps``).
             sampler: "ddpm" or "ddim" (default ``self.sampler``).
             generator: torch.Generator on z's device, for reproducible noise.
+            cfg_rescale: guidance rescale φ (``predict``); 0 = plain CFG.
         Returns:
             x: (B, token_dim) float32.
         """
@@ -312,7 +320,7 @@ class DiffusionHead(nn.Module):
 
         x = noise()  # x_T ~ N(0, I)
         for st in steps:
-            out = self.predict(x, st["t"], z_cond, z_uncond, cfg_scale)
+            out = self.predict(x, st["t"], z_cond, z_uncond, cfg_scale, cfg_rescale)
             if self.prediction == "eps":
                 x0 = (x - math.sqrt(1 - st["abar"]) * out) / math.sqrt(st["abar"])
             else:  # v: x0 = sqrt(abar) x_t - sqrt(1 - abar) v, well conditioned at every t
