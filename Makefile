@@ -47,10 +47,11 @@ train: $(STAMP) ## Train an experiment: make train [EXP=demo] [ARGS="key=value .
 cache: $(STAMP) ## Encode an experiment's manifest into its latent cache (resumable)
 	$(PY) -m experiments.cache $(EXP) $(ARGS)
 
-generate: $(STAMP) ## Generate audio: make generate [CKPT=...] PROMPT="..." | PROMPTS=file.txt [SECONDS= CFG= STEPS= TEMPERATURE= SEED= OUT=]
+generate: $(STAMP) ## Generate audio: make generate [CKPT=...] PROMPT="..." | PROMPTS=file.txt [SECONDS= CFG= CFG_SCHEDULE= CFG_RESCALE= STEPS= TEMPERATURE= SEED= OUT=]
 	$(PY) -m experiments.generate \
 	  $(if $(CKPT),--ckpt "$(CKPT)") $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
-	  $(if $(SECONDS),--seconds $(SECONDS)) $(if $(CFG),--cfg $(CFG)) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(SECONDS),--seconds $(SECONDS)) $(if $(CFG),--cfg $(CFG)) \
+	  $(if $(CFG_SCHEDULE),--cfg-schedule $(CFG_SCHEDULE)) $(if $(CFG_RESCALE),--cfg-rescale $(CFG_RESCALE)) $(if $(STEPS),--steps $(STEPS)) \
 	  $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 eval: $(STAMP) ## Evaluate a checkpoint: make eval [EXP=demo] [CKPT=...]

@@ -88,13 +88,15 @@ def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
     out = tmp_path / "gen"
     result = subprocess.run(
         [sys.executable, "-m", "experiments.generate", "--runs", str(root / "runs"), "--prompts", str(prompts),
-         "--prompt", "white noise", "--seconds", "0.5", "--steps", "3", "--cfg", "2", "--seed", "1", "--out", str(out)],
+         "--prompt", "white noise", "--seconds", "0.5", "--steps", "3", "--cfg", "2", "--cfg-schedule", "linear",
+         "--cfg-rescale", "0.5", "--seed", "1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     listing = json.loads((out / "samples.json").read_text())
     assert [s["caption"] for s in listing["samples"]] == ["white noise", "a high pitched beep pulsing", "low hum fading away"]
     assert listing["settings"]["cfg_scale"] == 2 and listing["settings"]["steps"] == 3 and listing["settings"]["seed"] == 1
+    assert listing["settings"]["cfg_schedule"] == "linear" and listing["settings"]["cfg_rescale"] == 0.5
     assert len(list(out.glob("*.wav"))) == 3
 
 
