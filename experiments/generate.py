@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", help="a text file with one prompt per line")
     parser.add_argument("--seconds", type=float, help="audio length (default: the checkpoint's sample.seconds)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--cfg-schedule", choices=["constant", "linear"], help="guidance scale per token (default: the checkpoint's sample.cfg_schedule)")
+    parser.add_argument("--cfg-schedule", choices=["constant", "unguided_first", "linear"], help="guidance scale per token (default: the checkpoint's sample.cfg_schedule)")
     parser.add_argument("--cfg-rescale", type=float, help="guidance rescale in [0, 1] (default: the checkpoint's sample.cfg_rescale)")
     parser.add_argument("--steps", type=int, help="reverse diffusion steps per token")
     parser.add_argument("--temperature", type=float, help="diffusion sampling temperature")

@@ -337,11 +337,13 @@ def test_input_noise_reaches_the_decoder_inputs_only(sp_model, monkeypatch):
 def test_linear_cfg_schedule_guides_the_first_token_not_at_all_then_ramps(sp_model, monkeypatch):
     """``sample.cfg_schedule=linear``: token i of N is guided with 1 + (s - 1) i / N, so the
     first token (no audio history, where guidance overshoots most) is the unguided sample;
-    "constant" keeps s everywhere; a misspelled schedule fails naming the key."""
+    "unguided_first" does that for the first token only; "constant" keeps s everywhere; a
+    misspelled schedule fails naming the key."""
     from lightning_modules.audio_lm import guidance_scales
 
     assert guidance_scales(5.0, "constant", 4) == [5.0] * 4
     assert guidance_scales(5.0, "linear", 4) == [1.0, 2.0, 3.0, 4.0]
+    assert guidance_scales(5.0, "unguided_first", 4) == [1.0, 5.0, 5.0, 5.0]
     with pytest.raises(ValueError, match="sample.cfg_schedule"):
         guidance_scales(5.0, "cosine", 4)
 
@@ -362,7 +364,9 @@ def test_linear_cfg_schedule_guides_the_first_token_not_at_all_then_ramps(sp_mod
         linear = system.generate_tokens(CAPTIONS[:2], 4, cfg_scale=5.0, cfg_schedule="linear", generator=g())
         unguided = system.generate_tokens(CAPTIONS[:2], 1, cfg_scale=1.0, generator=g())
         constant = system.generate_tokens(CAPTIONS[:2], 4, cfg_scale=5.0, generator=g())
-    assert seen == [1.0, 2.0, 3.0, 4.0, 1.0] + [5.0] * 4
+        first = system.generate_tokens(CAPTIONS[:2], 4, cfg_scale=5.0, cfg_schedule="unguided_first", generator=g())
+    assert seen == [1.0, 2.0, 3.0, 4.0, 1.0] + [5.0] * 4 + [1.0, 5.0, 5.0, 5.0]
+    torch.testing.assert_close(first[:, 0], unguided[:, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(linear[:, 0], unguided[:, 0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(linear[:, 0], constant[:, 0], atol=1e-3)
 
