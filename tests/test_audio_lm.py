@@ -52,6 +52,19 @@ def make_system(sp_model: str, *overrides: str) -> AudioLMSystem:
     return AudioLMSystem(OmegaConf.to_container(cfg, resolve=True), sp_model_path=sp_model)
 
 
+def record_head_sample_kwarg(monkeypatch, system: AudioLMSystem, key: str) -> list:
+    """Spy on ``system.head.sample``: the returned list gets ``kwargs.get(key)`` of every call."""
+    seen = []
+    original = system.head.sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get(key))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(system.head, "sample", spy)
+    return seen
+
+
 def make_batch(batch_size=4, num_tokens=12, token_dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch_size, num_tokens, token_dim, generator=g)
@@ -265,14 +278,7 @@ def test_sampler_choice_reaches_the_head(sp_model, monkeypatch):
     from experiments.pipeline import render_fn
 
     system = make_system(sp_model, "sample.sampler=ddpm").eval()
-    seen = []
-    original = system.head.sample
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("sampler"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(system.head, "sample", spy)
+    seen = record_head_sample_kwarg(monkeypatch, system, "sampler")
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     ddpm = system.generate_tokens(CAPTIONS[:2], 3, generator=g())
     ddim = system.generate_tokens(CAPTIONS[:2], 3, generator=g(), sampler="ddim")
@@ -351,14 +357,7 @@ def test_linear_cfg_schedule_guides_the_first_token_not_at_all_then_ramps(sp_mod
     with torch.no_grad():  # the head's zero-initialised output would make guidance a no-op
         for p in system.head.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    seen = []
-    original = system.head.sample
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["cfg_scale"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(system.head, "sample", spy)
+    seen = record_head_sample_kwarg(monkeypatch, system, "cfg_scale")
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     with torch.no_grad():
         linear = system.generate_tokens(CAPTIONS[:2], 4, cfg_scale=5.0, cfg_schedule="linear", generator=g())
@@ -373,14 +372,7 @@ def test_linear_cfg_schedule_guides_the_first_token_not_at_all_then_ramps(sp_mod
 
 def test_cfg_rescale_reaches_the_head_and_bad_values_fail(sp_model, monkeypatch):
     system = make_system(sp_model, "sample.cfg_rescale=0.7").eval()
-    seen = []
-    original = system.head.sample
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["cfg_rescale"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(system.head, "sample", spy)
+    seen = record_head_sample_kwarg(monkeypatch, system, "cfg_rescale")
     system.generate_tokens(CAPTIONS[:2], 2, cfg_scale=3.0)
     system.generate_tokens(CAPTIONS[:2], 1, cfg_scale=3.0, cfg_rescale=0.0)
     assert seen == [0.7, 0.7, 0.0]
