@@ -349,7 +349,7 @@ def is_corpus_complete(out_dir: str | os.PathLike, settings: dict[str, Any]) -> 
 def generate_corpus(
     out_dir: str | os.PathLike,
     seed: int = 0,
-    clip_seconds: float = 4.0,
+    clip_seconds: float = 2.0,
     sample_rate: int = 16000,
     num_train: int = 2000,
     num_val: int = 100,

@@ -303,13 +303,22 @@ class SyntheticSuite:
 
     name = "synthetic"
 
-    def __init__(self, evaluator, evaluator_path: Path, is_splits: int, batch_size: int, device: torch.device) -> None:
+    def __init__(self, evaluator, evaluator_path: Path, is_splits: int, batch_size: int, device: torch.device,
+                 clip_seconds: float | None = None) -> None:
+        """``clip_seconds``: the corpus' clip length; an evaluator trained on another length is refused
+        (its time grid would read fades and event order at the wrong places)."""
         from datamodules.synthetic import LABEL_VALUES
 
         if evaluator.label_values != {k: list(v) for k, v in LABEL_VALUES.items()}:
             raise ValueError(
                 f"the evaluator at {evaluator_path} was trained on another label vocabulary than the corpus' "
                 "LABEL_VALUES; retrain it with `make evaluator`"
+            )
+        trained_seconds = (getattr(evaluator, "extra", None) or {}).get("corpus", {}).get("clip_seconds")
+        if clip_seconds is not None and trained_seconds is not None and abs(float(trained_seconds) - clip_seconds) > 1e-6:
+            raise ValueError(
+                f"the evaluator at {evaluator_path} was trained on {float(trained_seconds):g} s clips but this corpus "
+                f"has {clip_seconds:g} s clips (corpus.clip_seconds); retrain it with `make evaluator`"
             )
         self.evaluator = evaluator.to(device).eval()
         self.identity = {"model": "attribute_evaluator", "file": file_identity(evaluator_path)}
@@ -545,7 +554,10 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
                 f"(with the same run.root), or point eval.evaluator.path at an evaluator.pt"
             )
         evaluator = AttributeEvaluator.load(evaluator_path)
-        suite: SyntheticSuite | AudioSetSuite = SyntheticSuite(evaluator, evaluator_path, cfg.eval.is_splits, cfg.eval.batch_size, device)
+        suite: SyntheticSuite | AudioSetSuite = SyntheticSuite(
+            evaluator, evaluator_path, cfg.eval.is_splits, cfg.eval.batch_size, device,
+            clip_seconds=float(cfg.corpus.clip_seconds),
+        )
     else:
         evaluator = None
         suite = AudioSetSuite(cfg, device)

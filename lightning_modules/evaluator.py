@@ -14,8 +14,8 @@ Which attributes: every key of the corpus' label vocabulary (``LABEL_VALUES`` in
 
 so a sequence clip is right only if both events are heard in the right order. The heads
 share one embedding that keeps coarse time order: after the conv stack the feature map is
-average-pooled to a fixed ``time_cells × freq_cells`` grid (8 × 8: half a second per
-time cell for 4 s clips), flattened and projected to ``embed_dim``. Fades, the order of
+average-pooled to a fixed ``time_cells × freq_cells`` grid (8 × 8: a quarter second per
+time cell for the corpus' 2 s clips), flattened and projected to ``embed_dim``. Fades, the order of
 events and pitch all depend on *where* energy is, which global pooling would lose.
 
 Architecture (PANNs-like, tiny):

@@ -81,12 +81,13 @@ def _overrides(tmp_path, *extra):
     ]
 
 
-def _tiny_evaluator(path: Path) -> Path:
+def _tiny_evaluator(path: Path, clip_seconds: float = SECONDS) -> Path:
     from datamodules.synthetic import LABEL_VALUES
     from lightning_modules.evaluator import AttributeEvaluator
 
     torch.manual_seed(0)
-    AttributeEvaluator(LABEL_VALUES, channels=(4, 4), embed_dim=8).save(path, extra={"accuracy": {"val": {"all_correct": 1.0}}})
+    extra = {"accuracy": {"val": {"all_correct": 1.0}}, "corpus": {"clip_seconds": clip_seconds}}
+    AttributeEvaluator(LABEL_VALUES, channels=(4, 4), embed_dim=8).save(path, extra=extra)
     return path
 
 
@@ -144,6 +145,12 @@ def test_missing_evaluator_and_checkpoint_errors(tmp_path, stub_lm, capsys):
     assert ev.main(args) == 1
     assert "run `make evaluator` first" in capsys.readouterr().err
     assert not stub_lm.calls  # fails before generating anything
+    # An evaluator trained on clips of another length would read fades at the wrong times: refused.
+    other = _tiny_evaluator(tmp_path / "evaluator_4s.pt", clip_seconds=4.0)
+    assert ev.main(["demo", "--ckpt", str(stub_lm.ckpt), *_overrides(tmp_path, f"eval.evaluator.path={other}")]) == 1
+    err = capsys.readouterr().err
+    assert "trained on 4 s clips" in err and f"has {SECONDS:g} s clips (corpus.clip_seconds)" in err
+    assert not stub_lm.calls
     assert ev.main(["demo", f"run.root={tmp_path}/nowhere"]) == 2
     assert "no finished run of experiment 'demo'" in capsys.readouterr().err
     assert ev.main(["demo", "eval.no_such_key=1"]) == 2

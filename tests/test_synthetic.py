@@ -94,7 +94,7 @@ def test_manifest_fields_labels_and_captions(corpus):
         for source, pitch, _ in event_combinations(entry.labels):
             assert pitch in PITCHES_OF_SOURCE[source]
         assert len(entry.captions) == 3 and len(set(entry.captions)) >= 2
-        assert entry.sample_rate == SR and entry.duration == pytest.approx(4.0)
+        assert entry.sample_rate == SR and entry.duration == pytest.approx(2.0)
         if entry.labels["structure"] == "single" and entry.labels["pitch"] in ("low", "high"):
             synonyms = [w for w in PITCH_WORDS[entry.labels["pitch"]] if w]
             assert all(any(word in caption for word in synonyms) for caption in entry.captions), entry.captions
