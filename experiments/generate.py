@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         sample.temperature = args.temperature
     pretransform = load_pretransform_for(cfg).to(device).eval()
     check_pretransform(system, pretransform)
+    tokens = max(1, round(sample.seconds * pretransform.tokens_per_second))  # as render_fn
+    if tokens > system.decoder.max_tokens:
+        longest = system.decoder.max_tokens / pretransform.tokens_per_second
+        raise SystemExit(
+            f"error: {sample.seconds:g} s (--seconds / SECONDS) needs {tokens} tokens, but {ckpt} was trained with "
+            f"model.max_tokens={system.decoder.max_tokens}: at most {longest:g} s"
+        )
 
     out_dir = Path(args.out) if args.out else ckpt.parent.parent / "generated" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     settings = {

@@ -99,6 +99,15 @@ def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
     assert listing["settings"]["cfg_schedule"] == "linear" and listing["settings"]["cfg_rescale"] == 0.5
     assert len(list(out.glob("*.wav"))) == 3
 
+    # Longer than the checkpoint's model.max_tokens (50 tokens = 2 s): a clear error, nothing written.
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--runs", str(root / "runs"), "--prompt", "white noise",
+         "--seconds", "3", "--out", str(tmp_path / "too_long")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "needs 75 tokens" in result.stderr and "model.max_tokens=50: at most 2 s" in result.stderr
+    assert not (tmp_path / "too_long").exists()
+
 
 def test_generate_cli_without_prompt_or_checkpoint_fails_clearly(tmp_path):
     result = subprocess.run(
