@@ -304,7 +304,7 @@ class SyntheticSuite:
     name = "synthetic"
 
     def __init__(self, evaluator, evaluator_path: Path, is_splits: int, batch_size: int, device: torch.device,
-                 clip_seconds: float | None = None) -> None:
+                 clip_seconds: float) -> None:
         """``clip_seconds``: the corpus' clip length; an evaluator trained on another length is refused
         (its time grid would read fades and event order at the wrong places)."""
         from datamodules.synthetic import LABEL_VALUES
@@ -315,7 +315,7 @@ class SyntheticSuite:
                 "LABEL_VALUES; retrain it with `make evaluator`"
             )
         trained_seconds = (getattr(evaluator, "extra", None) or {}).get("corpus", {}).get("clip_seconds")
-        if clip_seconds is not None and trained_seconds is not None and abs(float(trained_seconds) - clip_seconds) > 1e-6:
+        if trained_seconds is not None and abs(float(trained_seconds) - clip_seconds) > 1e-6:
             raise ValueError(
                 f"the evaluator at {evaluator_path} was trained on {float(trained_seconds):g} s clips but this corpus "
                 f"has {clip_seconds:g} s clips (corpus.clip_seconds); retrain it with `make evaluator`"
@@ -532,7 +532,9 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
     """Generate, write and score every eval split; returns the results dict (also written
     to ``<out>/results.json`` and ``results.md``)."""
     from experiments.config import atomic_write_text, config_from_container, parse_overrides
-    from experiments.pipeline import check_pretransform, load_pretransform_for, manifest_sources, render_fn, set_threads
+    from experiments.pipeline import (
+        check_length, check_pretransform, load_pretransform_for, manifest_sources, render_fn, set_threads,
+    )
     from lightning_modules.audio_lm import AudioLMSystem
 
     set_threads(cfg)
@@ -569,8 +571,7 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
         lm_cfg = OmegaConf.merge(lm_cfg, parse_overrides(sample_overrides))
     pretransform = load_pretransform_for(lm_cfg).to(device).eval()
     check_pretransform(system, pretransform)
-    if seconds * pretransform.tokens_per_second > system.decoder.max_tokens + 1e-6:
-        raise ValueError(f"eval length {seconds} s needs more than model.max_tokens={system.decoder.max_tokens} tokens")
+    check_length(system, pretransform, seconds)
 
     def render_batch(captions: list[str], batch_index: int) -> torch.Tensor:
         return render_fn(lm_cfg, pretransform, seconds, int(cfg.eval.seed) + batch_index)(system, captions)

@@ -20,6 +20,8 @@ import torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from lightning_modules.audio_lm import CFG_SCHEDULES
+
     parser = argparse.ArgumentParser(prog="make generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint (default: <runs>/demo/last/checkpoints/last.ckpt)")
     parser.add_argument("--exp", default="demo", help="experiment whose newest run is used when --ckpt is not given")
@@ -28,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", help="a text file with one prompt per line")
     parser.add_argument("--seconds", type=float, help="audio length (default: the checkpoint's sample.seconds)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--cfg-schedule", choices=["constant", "unguided_first", "linear"], help="guidance scale per token (default: the checkpoint's sample.cfg_schedule)")
+    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance scale per token (default: the checkpoint's sample.cfg_schedule)")
     parser.add_argument("--cfg-rescale", type=float, help="guidance rescale in [0, 1] (default: the checkpoint's sample.cfg_rescale)")
     parser.add_argument("--steps", type=int, help="reverse diffusion steps per token")
     parser.add_argument("--temperature", type=float, help="diffusion sampling temperature")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
     from experiments.config import config_from_container, last_run_dir
-    from experiments.pipeline import check_pretransform, load_pretransform_for, render_fn
+    from experiments.pipeline import check_length, check_pretransform, load_pretransform_for, render_fn
     from lightning_modules.audio_lm import AudioLMSystem
     from lightning_modules.callbacks import write_samples
 
@@ -81,13 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         sample.temperature = args.temperature
     pretransform = load_pretransform_for(cfg).to(device).eval()
     check_pretransform(system, pretransform)
-    tokens = max(1, round(sample.seconds * pretransform.tokens_per_second))  # as render_fn
-    if tokens > system.decoder.max_tokens:
-        longest = system.decoder.max_tokens / pretransform.tokens_per_second
-        raise SystemExit(
-            f"error: {sample.seconds:g} s (--seconds / SECONDS) needs {tokens} tokens, but {ckpt} was trained with "
-            f"model.max_tokens={system.decoder.max_tokens}: at most {longest:g} s"
-        )
+    try:
+        check_length(system, pretransform, sample.seconds)
+    except ValueError as err:
+        raise SystemExit(f"error: --seconds / SECONDS for {ckpt}: {err}") from None
 
     out_dir = Path(args.out) if args.out else ckpt.parent.parent / "generated" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     settings = {

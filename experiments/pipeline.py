@@ -312,12 +312,27 @@ def ensure_latent_cache(cfg: DictConfig, pretransform: MelVAEPretransform, sourc
 # ---------------------------------------------------------------------------- language model
 
 
+def num_tokens_for(seconds: float, pretransform: MelVAEPretransform) -> int:
+    """Audio tokens generated for ``seconds`` of audio (at least one)."""
+    return max(1, round(seconds * pretransform.tokens_per_second))
+
+
+def check_length(system: AudioLMSystem, pretransform: MelVAEPretransform, seconds: float) -> None:
+    """Refuse a generation length beyond the checkpoint's ``model.max_tokens``, naming the limit in seconds."""
+    tokens, limit = num_tokens_for(seconds, pretransform), system.decoder.max_tokens
+    if tokens > limit:
+        raise ValueError(
+            f"{seconds:g} s needs {tokens} tokens, but the checkpoint was trained with model.max_tokens={limit}: "
+            f"at most {limit / pretransform.tokens_per_second:g} s"
+        )
+
+
 def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float, generator_seed: int):
     """``render(system, captions) -> waves (B, S)``: generate tokens, denormalise, decode to audio."""
     sample = cfg.sample
 
     def render(system: AudioLMSystem, captions: list[str]) -> torch.Tensor:
-        num_tokens = max(1, round(seconds * pretransform.tokens_per_second))
+        num_tokens = num_tokens_for(seconds, pretransform)
         generator = torch.Generator(device=system.device).manual_seed(generator_seed)
         use_bf16 = resolve_precision(cfg.trainer.precision).startswith("bf16")
         # One autocast region around the whole sampling loop (entering it per step re-casts weights).
