@@ -376,7 +376,7 @@ class LatentDataset(Dataset):
         else:
             index, item_seed = key, self.seed * 1_000_003 + key
         record = self.records[index]
-        rng = torch.Generator().manual_seed(int(item_seed) % (2**63))
+        rng = torch.Generator(device="cpu").manual_seed(int(item_seed) % (2**63))  # data pipeline: host
         mean, std = record["mean"].float(), record["std"].float()  # (N, D)
         length = mean.shape[0]
         start = 0
@@ -397,7 +397,10 @@ class LatentDataset(Dataset):
 
 
 def collate_latents(items: list[dict]) -> dict:
-    """Items -> ``tokens (B, N, D)``, ``token_mask (B, N)`` (padded to the longest), ``captions``, ``ids``, ``labels``."""
+    """Items -> ``tokens (B, N, D)``, ``token_mask (B, N)`` (padded to the longest), ``lengths``
+    (list of B ints: valid tokens per clip — a list, so it stays on the host when the batch
+    moves to an accelerator and the training step can plan shapes without a sync),
+    ``captions``, ``ids``, ``labels``."""
     longest = max(item["tokens"].shape[0] for item in items)
     token_dim = items[0]["tokens"].shape[1]
     tokens = torch.zeros(len(items), longest, token_dim)
@@ -407,7 +410,8 @@ def collate_latents(items: list[dict]) -> dict:
         tokens[row, :n] = item["tokens"]
         token_mask[row, :n] = item["token_mask"]
     return dict(
-        tokens=tokens, token_mask=token_mask, captions=[item["caption"] for item in items],
+        tokens=tokens, token_mask=token_mask, lengths=[int(item["token_mask"].sum()) for item in items],
+        captions=[item["caption"] for item in items],
         ids=[item["id"] for item in items], labels=[item["labels"] for item in items],
     )
 

@@ -26,14 +26,27 @@ from typing import Callable
 
 import torch
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued accelerator work, so a wall-clock interval covers the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device | None = None) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up; on CUDA each run
+    is bracketed by synchronisations (kernels are asynchronous: without them only the launch
+    is timed)."""
+    device = device if device is not None else DEVICE
     fn()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -54,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_threads(cfg)
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = DEVICE
     out_root = Path(cfg.run.root) / "bench"
     out_root.mkdir(parents=True, exist_ok=True)
     captions = ["a high pitched beep pulsing", "low hum fading away", "white noise hiss", "a rising sweep"] * 8
@@ -68,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = {
         "tokens": torch.randn(B, N, D, device=device),
         "token_mask": torch.ones(B, N, dtype=torch.bool, device=device),
+        "lengths": [N] * B,
         "captions": (captions * (B // len(captions) + 1))[:B],
     }
-    zeros = torch.zeros(B)
+    zeros = torch.zeros(B, device="cpu")  # mask ratios are host quantities
 
     # 1. KV cache vs full recomputation (same decoder, head replaced by a cheap projection).
     system.eval()
@@ -98,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. diffusion_batch_mul: one decoder pass, head x4 vs four full steps with batch_mul 1.
     system.train()
-    gen = lambda: torch.Generator().manual_seed(0)
+    gen = lambda: torch.Generator(device=device).manual_seed(0)
 
     def step_mul() -> None:
         system.diffusion_loss(batch, zeros, gen(), 0.0)["loss"].backward()

@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -32,6 +33,33 @@ from lightning_modules.parts.masking import MaskRatioSampler, make_mntp_inputs
 from lightning_modules.parts.text_conditioning import apply_text_dropout, build_text_conditioner
 
 NUM_TIMESTEP_BUCKETS = 10  # loss is also logged per tenth of the diffusion timestep range
+
+
+def step_seeds(seed: int, step: int, shard: int) -> tuple[int, int]:
+    """Two independent 63-bit seeds for one micro-batch: (host, device).
+
+    ``shard`` names the micro-batch within the optimizer step across all processes
+    (``global_rank * accumulate_grad_batches + micro-batch index``), so every micro-batch of
+    a step draws different noise, and a run on W processes draws exactly what one process
+    accumulating W micro-batches draws. Hashed with numpy's SeedSequence (no collisions
+    between nearby (step, shard) pairs, unlike a linear mix).
+    """
+    state = np.random.SeedSequence([int(seed), int(step), int(shard)]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1)), int(state[1] >> np.uint64(1))
+
+
+def gather_rows(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The first ``counts[b]`` slots of each row: x (B, S, ...) -> (sum(counts), ...).
+
+    ``counts`` (B,) is a host tensor, so the index is built on the CPU and copied without
+    a synchronisation — boolean indexing would read a mask back from the device.
+    """
+    b, slots = x.shape[:2]
+    counts = counts.to("cpu", torch.long)
+    starts = torch.repeat_interleave(torch.arange(b, device="cpu") * slots, counts)  # (K,)
+    within = torch.arange(int(counts.sum()), device="cpu") - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rows = (starts + within).to(x.device, non_blocking=True)
+    return x.flatten(0, 1).index_select(0, rows)
 CFG_SCHEDULES = ("constant", "unguided_first", "linear")
 
 
@@ -147,9 +175,9 @@ class AudioLMSystem(L.LightningModule):
 
     def encode_text(self, captions: list[str], drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions → prefix (B, L, D) and mask (B, L); rows where ``drop`` (B,) is True get the null prefix."""
-        tokenized = {k: v.to(self.device) for k, v in self.text.tokenize(captions).items()}
+        tokenized = {k: v.to(self.device, non_blocking=True) for k, v in self.text.tokenize(captions).items()}
         prefix, mask = self.text(tokenized)
-        if drop is not None and bool(drop.any()):
+        if drop is not None:  # applied unconditionally: testing drop.any() would synchronise
             prefix, mask = apply_text_dropout(prefix, mask, self.null_prefix, drop.to(self.device))
         return prefix, mask
 
@@ -161,10 +189,21 @@ class AudioLMSystem(L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def _step_generator(self, salt: int) -> torch.Generator:
-        """A CPU generator seeded from (seed, global step, rank, salt): reproducible masks and dropout."""
-        seed = int(self.cfg.seed) * 1_000_003 + int(self.global_step) * 7919 + self.global_rank * 104_729 + salt
-        return torch.Generator().manual_seed(seed)
+    def step_generators(self, device: torch.device, batch_idx: int = 0) -> tuple[torch.Generator, torch.Generator]:
+        """(host, device) generators of one training micro-batch, seeded by (seed, step, shard).
+
+        The host generator draws only the per-sample mask ratios, which decide shapes and so
+        belong on the host; everything else (dropped positions, text dropout, input noise,
+        diffusion t and ε) is drawn on ``device``, where the tokens are.
+        """
+        trainer = self._trainer
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        shard = self.global_rank * accumulate + batch_idx % accumulate
+        host_seed, device_seed = step_seeds(int(self.cfg.seed), int(self.global_step), shard)
+        return (
+            torch.Generator(device="cpu").manual_seed(host_seed),
+            torch.Generator(device=device).manual_seed(device_seed),
+        )
 
     def diffusion_loss(
         self,
@@ -174,13 +213,15 @@ class AudioLMSystem(L.LightningModule):
         p_uncond: float,
         input_noise: float = 0.0,
     ) -> dict[str, torch.Tensor]:
-        """The (M)NTP loss of a batch.
+        """The (M)NTP loss of a batch, without host–device synchronisation.
 
         Args:
-            batch: ``tokens`` (B, N, token_dim), ``token_mask`` (B, N) bool, ``captions`` list[str].
-            ratios: (B,) mask ratio per sample (zeros: plain NTP).
-            generator: CPU generator for token dropping, text dropout and the diffusion
-                noise (t, ε): a step is a function of (seed, global step, rank, batch).
+            batch: ``tokens`` (B, N, token_dim), ``token_mask`` (B, N) bool, ``captions``
+                list[str], optionally ``lengths`` (B,) host counts of valid tokens (the
+                latent collate adds them; without them one sync counts the mask).
+            ratios: (B,) host tensor, mask ratio per sample (zeros: plain NTP).
+            generator: on the tokens' device, for token dropping, text dropout and the
+                diffusion noise (t, ε): a step is a function of (seed, step, shard, batch).
             p_uncond: probability of replacing a sample's caption with the null prefix.
             input_noise: largest std of the Gaussian noise added to the decoder's *input*
                 tokens (normalised units); each sample draws its std uniformly from
@@ -190,46 +231,83 @@ class AudioLMSystem(L.LightningModule):
 
         Returns:
             dict with ``loss`` (scalar), ``per_sample`` (K,) losses of every (target, t, ε)
-            draw, ``t`` (K,) their timesteps and ``target_ids`` (K,) the index of the token
-            each draw predicts (0: the first audio token, predicted from the text alone).
+            draw, ``weight`` (K,) 1 for real targets and 0 for the few padding rows (at most
+            one per sample) that are computed to keep shapes host-known, ``t`` (K,) their
+            timesteps and ``target_ids`` (K,) the index of the token each draw predicts
+            (0: the first audio token, predicted from the text alone).
         """
         tokens, token_mask = batch["tokens"], batch["token_mask"]
         batch_size = tokens.shape[0]
-        drop = torch.rand(batch_size, generator=generator) < p_uncond
+        device = tokens.device
+        drop = torch.rand(batch_size, generator=generator, device=device) < p_uncond
         prefix, prefix_mask = self.encode_text(batch["captions"], drop)
         inputs = make_mntp_inputs(
             tokens,
             token_mask,
-            ratios.to(tokens.device),
+            ratios,
             mode=self.cfg.mntp.mode,
             predict_skipped=self.cfg.mntp.predict_skipped,
             generator=generator,
+            lengths=batch.get("lengths"),
         )
         if input_noise > 0:
-            sigma = torch.rand(batch_size, 1, 1, generator=generator) * input_noise  # (B, 1, 1)
-            noise = torch.randn(inputs.tokens.shape, generator=generator) * sigma
-            noise = noise.to(inputs.tokens.device, inputs.tokens.dtype) * inputs.token_mask.unsqueeze(-1)
+            sigma = torch.rand(batch_size, 1, 1, generator=generator, device=device) * input_noise  # (B, 1, 1)
+            noise = torch.randn(inputs.tokens.shape, generator=generator, device=device) * sigma
+            noise = noise.to(inputs.tokens.dtype) * inputs.token_mask.unsqueeze(-1)
             inputs = dataclasses.replace(inputs, tokens=inputs.tokens + noise)
         z = self.decoder(
             prefix, prefix_mask, inputs.tokens, inputs.position_ids, inputs.target_ids, inputs.token_mask
         )  # (B, M+1, W)
-        valid = inputs.target_mask  # (B, M+1)
-        out = self.head.loss(inputs.target_tokens[valid].float(), z[valid], generator=generator)
-        out["target_ids"] = inputs.target_ids[valid].repeat(self.head.batch_mul)  # draw r of row i at r * K + i
+        counts = inputs.slot_counts  # host: rows 0..counts[b]-1 of sample b may hold a target
+        weight = gather_rows(inputs.target_mask, counts).float()  # (K,)
+        out = self.head.loss(
+            gather_rows(inputs.target_tokens, counts).float(), gather_rows(z, counts), weight=weight, generator=generator
+        )
+        out["weight"] = weight.repeat(self.head.batch_mul)  # draw r of row i at r * K + i
+        out["target_ids"] = gather_rows(inputs.target_ids, counts).repeat(self.head.batch_mul)
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        generator = self._step_generator(salt=0)
-        ratios = self.ratio_sampler.sample(batch["tokens"].shape[0], generator)
+        host_generator, generator = self.step_generators(batch["tokens"].device, batch_idx)
+        ratios = self.ratio_sampler.sample(batch["tokens"].shape[0], host_generator)  # (B,) on the host
         out = self.diffusion_loss(
             batch, ratios, generator, p_uncond=float(self.cfg.text.p_uncond),
             input_noise=float(self.cfg.model.get("input_noise", 0.0)),  # absent from older checkpoints
         )
         batch_size = batch["tokens"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
-        self.log("train/mask_ratio", ratios.mean(), batch_size=batch_size)
-        self._log_loss_by_timestep("train", out, batch_size)
+        self.log("train/mask_ratio", float(ratios.mean()), batch_size=batch_size)
+        self._accumulate_loss_by_timestep(out)
         return out["loss"]
+
+    def _accumulate_loss_by_timestep(self, out: dict[str, torch.Tensor]) -> None:
+        """Add a step's draws to per-bucket sums on the device; no host sync (see
+        :meth:`on_train_batch_end`, which writes the means at the logging interval)."""
+        num_steps = self.head.num_train_steps
+        bucket = (out["t"] * NUM_TIMESTEP_BUCKETS // num_steps).clamp_(max=NUM_TIMESTEP_BUCKETS - 1)  # (K,)
+        weight = out["weight"].detach().float()
+        sums = torch.zeros(2, NUM_TIMESTEP_BUCKETS, device=weight.device)
+        sums[0].index_add_(0, bucket, out["per_sample"].detach().float() * weight)
+        sums[1].index_add_(0, bucket, weight)
+        self._loss_by_t = sums if getattr(self, "_loss_by_t", None) is None else self._loss_by_t + sums
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every ``trainer.log_every_n_steps`` optimizer steps: the loss by timestep bucket,
+        averaged over the steps since the last write (this process's draws), to the logger."""
+        sums = getattr(self, "_loss_by_t", None)
+        trainer = self._trainer
+        if sums is None or trainer is None or self.global_step % max(1, trainer.log_every_n_steps) != 0:
+            return
+        if (batch_idx + 1) % int(trainer.accumulate_grad_batches) != 0:
+            return
+        totals, counts = sums.tolist()  # the one host sync, at the logging interval
+        self._loss_by_t = None
+        if self.logger is not None:
+            metrics = {
+                f"train_loss_by_t/{b * 100 // NUM_TIMESTEP_BUCKETS:02d}": totals[b] / counts[b]
+                for b in range(NUM_TIMESTEP_BUCKETS) if counts[b] > 0
+            }
+            self.logger.log_metrics(metrics, step=self.global_step)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -238,7 +316,7 @@ class AudioLMSystem(L.LightningModule):
         batch_size = batch["tokens"].shape[0]
         usage = self.caption_usage(batch, seed=int(self.cfg.seed) + batch_idx)
         self.log("val/loss", usage["out"]["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self._log_loss_by_timestep("val", usage["out"], batch_size)
+        self._log_val_loss_by_timestep(usage["out"], batch_size)
         for key in ("loss_shuffled", "first_token_loss", "first_token_loss_shuffled", "caption_gain"):
             if key in usage:
                 self.log(f"val/{key}", usage[key], batch_size=batch_size, sync_dist=True)
@@ -258,33 +336,31 @@ class AudioLMSystem(L.LightningModule):
             batches of two or more clips, ``loss_shuffled``, ``first_token_loss``,
             ``first_token_loss_shuffled`` and ``caption_gain`` (scalars).
         """
-        zeros = torch.zeros(batch["tokens"].shape[0])
-        out = self.diffusion_loss(batch, zeros, torch.Generator().manual_seed(seed), p_uncond=0.0)
+        device = batch["tokens"].device
+        zeros = torch.zeros(batch["tokens"].shape[0], device="cpu")  # mask ratios live on the host
+        out = self.diffusion_loss(batch, zeros, torch.Generator(device=device).manual_seed(seed), p_uncond=0.0)
         usage: dict[str, Any] = {"out": out}
         if len(batch["captions"]) < 2:
             return usage
         shuffled = dict(batch, captions=list(batch["captions"][1:]) + list(batch["captions"][:1]))
-        out_shuffled = self.diffusion_loss(shuffled, zeros, torch.Generator().manual_seed(seed), p_uncond=0.0)
-        first = out["target_ids"] == 0
+        out_shuffled = self.diffusion_loss(shuffled, zeros, torch.Generator(device=device).manual_seed(seed), p_uncond=0.0)
+        first = (out["target_ids"] == 0).float() * out["weight"]  # (K,) the first-token draws
         usage["loss_shuffled"] = out_shuffled["loss"]
-        usage["first_token_loss"] = out["per_sample"][first].mean()
-        usage["first_token_loss_shuffled"] = out_shuffled["per_sample"][first].mean()
+        usage["first_token_loss"] = (out["per_sample"] * first).sum() / first.sum().clamp_min(1)
+        usage["first_token_loss_shuffled"] = (out_shuffled["per_sample"] * first).sum() / first.sum().clamp_min(1)
         usage["caption_gain"] = 1 - usage["first_token_loss"] / usage["first_token_loss_shuffled"].clamp_min(1e-12)
         return usage
 
-    def _log_loss_by_timestep(self, stage: str, out: dict[str, torch.Tensor], batch_size: int) -> None:
-        num_steps = self.head.num_train_steps
-        bucket = (out["t"].float() * NUM_TIMESTEP_BUCKETS / num_steps).long().clamp_(max=NUM_TIMESTEP_BUCKETS - 1)
-        per_sample = out["per_sample"].detach().float()
-        for b in range(NUM_TIMESTEP_BUCKETS):
-            sel = bucket == b
-            if sel.any():
-                self.log(
-                    f"{stage}_loss_by_t/{b * 100 // NUM_TIMESTEP_BUCKETS:02d}",
-                    per_sample[sel].mean(),
-                    batch_size=batch_size,
-                    sync_dist=stage == "val",
-                )
+    def _log_val_loss_by_timestep(self, out: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Validation loss per timestep bucket (validation may synchronise; training does not)."""
+        bucket = (out["t"] * NUM_TIMESTEP_BUCKETS // self.head.num_train_steps).clamp_(max=NUM_TIMESTEP_BUCKETS - 1)
+        weight, per_sample = out["weight"], out["per_sample"].detach().float()
+        totals = torch.zeros(NUM_TIMESTEP_BUCKETS, device=weight.device).index_add_(0, bucket, per_sample * weight)
+        counts = torch.zeros(NUM_TIMESTEP_BUCKETS, device=weight.device).index_add_(0, bucket, weight)
+        for b, count in enumerate(counts.tolist()):
+            if count > 0:
+                self.log(f"val_loss_by_t/{b * 100 // NUM_TIMESTEP_BUCKETS:02d}", totals[b] / count,
+                         batch_size=batch_size, sync_dist=True)
 
     def configure_optimizers(self):
         optim = self.cfg.optim

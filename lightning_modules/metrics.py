@@ -311,11 +311,11 @@ class InceptionScore(Metric):
             if (values < 0).any() or not torch.allclose(values.sum(1), torch.ones(n, dtype=values.dtype), atol=1e-4):
                 raise ValueError("InceptionScore(from_logits=False): rows must be probabilities summing to 1")
             log_p = values.clamp(min=1e-30).log()
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device="cpu").manual_seed(0)  # on the host: the same order on every device
         projection = torch.randn(log_p.shape[1], generator=generator, dtype=torch.float64).to(log_p.device)
         log_p = log_p[torch.argsort(log_p @ projection, stable=True)]  # canonical order
         if self.shuffle_seed is not None:
-            generator = torch.Generator().manual_seed(int(self.shuffle_seed))
+            generator = torch.Generator(device="cpu").manual_seed(int(self.shuffle_seed))
             log_p = log_p[torch.randperm(n, generator=generator).to(log_p.device)]
         p = log_p.exp()
         scores = []

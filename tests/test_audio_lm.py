@@ -312,9 +312,9 @@ def test_input_noise_reaches_the_decoder_inputs_only(sp_model, monkeypatch):
         seen["inputs"] = tokens.detach().clone()
         return decoder_forward(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask)
 
-    def head_spy(targets, z, generator=None):
-        seen["targets"] = targets.detach().clone()
-        return head_loss(targets, z, generator=generator)
+    def head_spy(targets, z, weight=None, generator=None):
+        seen["targets"] = targets.detach().clone()[weight > 0]  # rows of weight 0 pad shapes, not targets
+        return head_loss(targets, z, weight=weight, generator=generator)
 
     monkeypatch.setattr(system.decoder, "forward", decoder_spy)
     monkeypatch.setattr(system.head, "loss", head_spy)

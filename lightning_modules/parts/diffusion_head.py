@@ -231,8 +231,9 @@ class DiffusionHead(nn.Module):
             target: (N, token_dim) clean tokens x0.
             z: (N, cond_dim) decoder outputs.
             weight: (N,) float (e.g. a validity mask) or None.
-            generator: draws t and ε (on the generator's device, then moved); None uses
-                the global RNG. A seeded generator makes a training step reproducible.
+            generator: draws t and ε on the tokens' device (so it must live there: no
+                host-to-device copy of the noise); None uses the global RNG. A seeded
+                generator makes a training step reproducible.
         Returns:
             dict(loss=scalar weighted mean over the N * batch_mul draws,
                  per_sample=(N * batch_mul,) MSE of the prediction per draw (float32, detached),
@@ -243,13 +244,8 @@ class DiffusionHead(nn.Module):
         x0 = target.float().repeat(self.batch_mul, 1)  # (N*bm, D)
         z = z.repeat(self.batch_mul, 1)  # (N*bm, C)
         n = x0.shape[0]
-        if generator is None:
-            t = torch.randint(0, self.num_train_steps, (n,), device=x0.device)
-            eps = torch.randn_like(x0)
-        else:
-            draw_device = generator.device
-            t = torch.randint(0, self.num_train_steps, (n,), device=draw_device, generator=generator).to(x0.device)
-            eps = torch.randn(x0.shape, device=draw_device, generator=generator).to(x0.device)
+        t = torch.randint(0, self.num_train_steps, (n,), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
         abar = self._abar(x0.device)[t][:, None]  # (N*bm, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         goal = eps if self.prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * x0  # (N*bm, D)

@@ -30,6 +30,12 @@ Conventions shared by every output of :func:`make_mntp_inputs`:
   (i.e. the plain next-token index; ``<= N``) and ``target_tokens = 0``.
 * Randomness comes only from the explicit ``torch.Generator``; a generator is required
   only when something random actually has to be drawn.
+* Shapes are decided on the host, never by reading device tensors: the per-sample mask
+  counts ``round(n_b * r_b)`` come from host-side ratios and lengths, so with ``lengths``
+  given (the latent collate supplies them) a call issues no host–device synchronisation
+  (no ``.item()``, no ``bool(tensor)``, no boolean indexing) and ``M`` is known up front.
+  Which positions are dropped, the skipped-target offsets and any noise are drawn on
+  the tokens' device from ``generator``.
 """
 
 from __future__ import annotations
@@ -232,7 +238,7 @@ class MaskRatioSampler:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
         if self.kind == "none":
-            r = torch.zeros(batch_size, dtype=torch.float64)
+            r = torch.zeros(batch_size, dtype=torch.float64, device="cpu")
         else:
             g = _check_generator(generator, f"MaskRatioSampler({self.kind!r}).sample")
             r = self._sample_random(batch_size, g)
@@ -270,6 +276,10 @@ class MaskedInputs:
         target_ids: (B, M + 1) long, original index each output slot must predict.
         target_mask: (B, M + 1) bool, True where the slot has a target.
         target_tokens: (B, M + 1, D) original tokens at ``target_ids`` (zeros where invalid).
+        slot_counts: (B,) long on the CPU, host-known upper bound of the valid target slots
+            of each sample: slots ``0 .. slot_counts[b] - 1`` are the only ones that can be
+            valid (at most one of them, the last, is not). Lets a caller gather the target
+            rows without reading ``target_mask`` back to the host.
     """
 
     tokens: torch.Tensor
@@ -278,10 +288,14 @@ class MaskedInputs:
     target_ids: torch.Tensor
     target_mask: torch.Tensor
     target_tokens: torch.Tensor
+    slot_counts: torch.Tensor
 
 
-def _validate_tokens(tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Check shapes/dtypes; return a (B, N) bool mask (all True if ``token_mask`` is None)."""
+def _validate_tokens(tokens: torch.Tensor, token_mask: torch.Tensor | None, check_padding: bool = True) -> torch.Tensor:
+    """Check shapes/dtypes; return a (B, N) bool mask (all True if ``token_mask`` is None).
+
+    ``check_padding`` also verifies right padding, which reads the mask back to the host.
+    """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         raise ValueError(f"tokens must be a (B, N, D) tensor, got shape {getattr(tokens, 'shape', None)}")
     if not tokens.is_floating_point():
@@ -295,33 +309,34 @@ def _validate_tokens(tokens: torch.Tensor, token_mask: torch.Tensor | None) -> t
         raise ValueError(f"token_mask must be bool, got {token_mask.dtype}")
     if token_mask.device != tokens.device:
         raise ValueError(f"token_mask is on {token_mask.device} but tokens are on {tokens.device}")
-    if n > 1 and bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()):
+    if check_padding and n > 1 and bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()):
         raise ValueError("token_mask must be right-padded (True...True False...False per sample)")
     return token_mask
 
 
-def _validate_ratios(ratios: torch.Tensor | float, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Return (B,) float64 ratios in [0, 1] on ``device``; a python number is broadcast."""
+def _validate_ratios(ratios: torch.Tensor | float, batch_size: int) -> torch.Tensor:
+    """Return (B,) float64 ratios in [0, 1] on the host; a python number is broadcast.
+
+    Ratios decide shapes, so they are host quantities (a ratio tensor on an accelerator is
+    copied back, which synchronises; :class:`MaskRatioSampler` draws them on the host).
+    """
     if not isinstance(ratios, torch.Tensor):
-        ratios = torch.full((batch_size,), float(ratios), dtype=torch.float64)
+        ratios = torch.full((batch_size,), float(ratios), dtype=torch.float64, device="cpu")
     if ratios.shape != (batch_size,):
         raise ValueError(f"ratios must have shape (B,) = ({batch_size},), got {tuple(ratios.shape)}")
-    ratios = ratios.to(device=device, dtype=torch.float64)
+    ratios = ratios.to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(ratios).all()) or bool(((ratios < 0) | (ratios > 1)).any()):
         raise ValueError(f"ratios must lie in [0, 1], got min {ratios.min().item()} max {ratios.max().item()}")
     return ratios
 
 
-def _choose_masked(
-    valid: torch.Tensor, n_mask: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
+def _choose_masked(valid: torch.Tensor, n_mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Pick ``n_mask[b]`` valid positions uniformly at random per sample.
 
-    valid: (B, N) bool, n_mask: (B,) long (<= valid count) -> (B, N) bool chosen positions.
-    Random keys per position; the ``n_mask[b]`` smallest keys among valid positions win.
+    valid: (B, N) bool, n_mask: (B,) long on valid's device (<= valid count) -> (B, N) bool
+    chosen positions. Random keys per position; the ``n_mask[b]`` smallest keys among valid
+    positions win. The caller skips the call when nothing is masked (a host-side decision).
     """
-    if not bool((n_mask > 0).any()):
-        return torch.zeros_like(valid)
     g = _check_generator(generator, "masking tokens")
     keys = torch.rand(valid.shape, generator=g, device=valid.device, dtype=torch.float32)
     keys = keys.masked_fill(~valid, 2.0)  # padding sorts last, never chosen
@@ -329,26 +344,24 @@ def _choose_masked(
     return rank < n_mask[:, None]
 
 
-def _pack_left(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack_left(keep: torch.Tensor) -> torch.Tensor:
     """Stable left-packing of kept positions.
 
-    keep: (B, N) bool -> (order (B, N) long: kept indices first in original order,
-    n_keep (B,) long).
+    keep: (B, N) bool -> order (B, N) long: kept indices first, in original order.
     """
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
-    return order, keep.sum(dim=1)
+    return torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
 
 
 def _input_slots(
-    tokens: torch.Tensor, order: torch.Tensor, n_in: torch.Tensor
+    tokens: torch.Tensor, order: torch.Tensor, n_in: torch.Tensor, m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather the input sequence.
 
-    tokens: (B, N, D), order: (B, N) original index per slot, n_in: (B,) real slots
-    -> tokens (B, M, D), position_ids (B, M), token_mask (B, M) with M = max n_in.
+    tokens: (B, N, D), order: (B, N) original index per slot, n_in: (B,) real slots (on the
+    tokens' device), m = max n_in (host int) -> tokens (B, M, D), position_ids (B, M),
+    token_mask (B, M) with M = m.
     """
     b, _, d = tokens.shape
-    m = int(n_in.max().item()) if b > 0 else 0
     slot = torch.arange(m, device=tokens.device).expand(b, m)
     mask = slot < n_in[:, None]
     idx = order[:, :m]
@@ -362,7 +375,7 @@ def _targets(
     position_ids: torch.Tensor,
     n_in: torch.Tensor,
     n_valid: torch.Tensor,
-    predict_skipped: bool,
+    draw_offsets: bool,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target index per output slot.
@@ -373,7 +386,8 @@ def _targets(
 
     Slot s has k_s (k_0 = -1) and upper end k_{s+1} (k_{m+1} = n - 1); valid iff s <= m
     and k_s < k_{s+1}. Target = k_s + 1 + floor(u * (k_{s+1} - k_s)) with u ~ U[0, 1)
-    if ``predict_skipped`` else k_s + 1; invalid slots get k_s + 1.
+    if ``draw_offsets`` (predict_skipped and something was dropped: a host-side decision)
+    else k_s + 1; invalid slots get k_s + 1.
     """
     b, m = position_ids.shape
     dev = position_ids.device
@@ -385,7 +399,7 @@ def _targets(
     width = nxt - cur
     valid = (slot <= n_in[:, None]) & (width > 0)
     offset = torch.zeros_like(cur)
-    if predict_skipped and bool((valid & (width > 1)).any()):
+    if draw_offsets:
         g = _check_generator(generator, "predict_skipped target sampling")
         u = torch.rand((b, m + 1), generator=g, device=dev, dtype=torch.float64)
         offset = torch.floor(u * width.clamp(min=1)).long()
@@ -412,13 +426,14 @@ def make_mntp_inputs(
     mode: str = "drop",
     predict_skipped: bool = True,
     generator: torch.Generator | None = None,
+    lengths: torch.Tensor | Sequence[int] | None = None,
 ) -> MaskedInputs:
     """Build decoder inputs/targets for masked next-token prediction.
 
     Args:
         tokens: (B, N, D) original audio tokens (float).
         token_mask: (B, N) bool, right-padded validity (None: all valid). n_b = row sum.
-        ratios: (B,) mask ratios in [0, 1] (or a python float for all samples);
+        ratios: (B,) mask ratios in [0, 1] on the host (or a python float for all samples);
             sample b masks ``round(n_b * r_b)`` valid tokens (torch.round: half to even).
         mode: ``"drop"`` removes the chosen tokens and packs the kept ones to the left
             (M = max kept count); ``"zero"`` / ``"gaussian"`` keep the length and replace
@@ -427,8 +442,11 @@ def make_mntp_inputs(
             False: slot j predicts t = k_j + 1 (the immediate next original token, which
             is predicted whether or not it was dropped from the input; it always lies in
             the interval, so validity is the same as with True).
-        generator: source of all randomness; required whenever something is masked
-            (or skipped targets must be drawn).
+        generator: source of all randomness, on the tokens' device; required whenever
+            something is masked (or skipped targets must be drawn).
+        lengths: (B,) valid-token counts n_b on the host, which the caller vouches match a
+            right-padded ``token_mask``. Given, the call issues no host–device sync; None:
+            counted from ``token_mask`` (one sync) and the right padding checked.
 
     Returns:
         :class:`MaskedInputs`. With all ratios 0 every mode returns exactly
@@ -438,36 +456,47 @@ def make_mntp_inputs(
         raise ValueError(f"unknown mask mode {mode!r}; expected one of {MASK_MODES}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    valid = _validate_tokens(tokens, token_mask)
-    b = tokens.shape[0]
-    r = _validate_ratios(ratios, b, tokens.device)
-    if generator is not None and generator.device.type != tokens.device.type:
-        raise ValueError(f"generator is on {generator.device} but tokens are on {tokens.device}")
+    valid = _validate_tokens(tokens, token_mask, check_padding=lengths is None)
+    b, n, _ = tokens.shape
+    device = tokens.device
+    r = _validate_ratios(ratios, b)
+    if generator is not None and generator.device.type != device.type and device.type != "meta":  # meta has no generators
+        raise ValueError(f"generator is on {generator.device} but tokens are on {device}")
 
-    n_valid = valid.sum(dim=1)
-    n_mask = torch.round(n_valid.to(torch.float64) * r).long().clamp(max=n_valid)
-    chosen = _choose_masked(valid, n_mask, generator)
+    # Host side: counts decide every shape.
+    if lengths is None:
+        n_valid_host = valid.sum(dim=1).cpu()
+    else:
+        n_valid_host = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
+        if n_valid_host.shape != (b,) or bool(((n_valid_host < 0) | (n_valid_host > n)).any()):
+            raise ValueError(f"lengths must be (B,) = ({b},) counts in [0, {n}], got {n_valid_host.tolist()}")
+    n_mask_host = torch.round(n_valid_host.to(torch.float64) * r).long().clamp(max=n_valid_host)
+    any_masked = bool((n_mask_host > 0).any())
+    n_in_host = n_valid_host - n_mask_host if mode == "drop" else n_valid_host
+    m = int(n_in_host.max()) if b > 0 else 0
+
+    n_valid = n_valid_host.to(device, non_blocking=True)
+    n_in = n_in_host.to(device, non_blocking=True)
+    chosen = _choose_masked(valid, n_mask_host.to(device, non_blocking=True), generator) if any_masked else torch.zeros_like(valid)
 
     if mode == "drop":
-        order, n_in = _pack_left(valid & ~chosen)
+        order = _pack_left(valid & ~chosen)
         src = tokens
     else:
-        order, n_in = _pack_left(valid)  # identity order: valid mask is a prefix
-        src = _corrupt(tokens, chosen, mode, generator)
-    inp, position_ids, in_mask = _input_slots(src, order, n_in)
+        order = _pack_left(valid)  # identity order: valid mask is a prefix
+        src = _corrupt(tokens, chosen, mode, generator) if any_masked else tokens
+    inp, position_ids, in_mask = _input_slots(src, order, n_in, m)
     target_ids, target_mask = _targets(
-        position_ids, n_in, n_valid, predict_skipped and mode == "drop", generator
+        position_ids, n_in, n_valid, predict_skipped and mode == "drop" and any_masked, generator
     )
     target_tokens = _gather_targets(tokens, target_ids, target_mask)
-    return MaskedInputs(inp, position_ids, in_mask, target_ids, target_mask, target_tokens)
+    return MaskedInputs(inp, position_ids, in_mask, target_ids, target_mask, target_tokens, slot_counts=n_in_host + 1)
 
 
 def _corrupt(
     tokens: torch.Tensor, chosen: torch.Tensor, mode: str, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Replace chosen positions: tokens (B, N, D), chosen (B, N) bool -> (B, N, D)."""
-    if not bool(chosen.any()):
-        return tokens
     if mode == "zero":
         fill = torch.zeros_like(tokens)
     else:
@@ -477,11 +506,13 @@ def _corrupt(
     return torch.where(chosen[..., None], fill, tokens)
 
 
-def ntp_inputs(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> MaskedInputs:
+def ntp_inputs(
+    tokens: torch.Tensor, token_mask: torch.Tensor | None = None, lengths: torch.Tensor | Sequence[int] | None = None
+) -> MaskedInputs:
     """Plain next-token-prediction inputs: :func:`make_mntp_inputs` with ratio 0.
 
     tokens (B, N, D), token_mask (B, N) bool right-padded (None: all valid) ->
     position_ids = arange(M), target_ids = arange(M + 1), target_mask[b, s] = s < n_b,
     where M = max n_b (= N unless some columns are padding in every sample).
     """
-    return make_mntp_inputs(tokens, token_mask, 0.0, mode="drop")
+    return make_mntp_inputs(tokens, token_mask, 0.0, mode="drop", lengths=lengths)

@@ -148,10 +148,10 @@ class ScratchTextConditioner(TextConditioner):
         with eos, so even an empty caption has one valid position."""
         if self._sp is None:
             raise RuntimeError("no sentencepiece model loaded (construct with sp_model or load a checkpoint)")
-        ids = torch.zeros(len(captions), self.max_len, dtype=torch.long)
+        ids = torch.zeros(len(captions), self.max_len, dtype=torch.long, device="cpu")  # host-side work
         for i, pieces in enumerate(self._sp.encode(list(captions))):
             pieces = pieces[: self.max_len - 1] + [self._sp.eos_id()]
-            ids[i, : len(pieces)] = torch.tensor(pieces)
+            ids[i, : len(pieces)] = torch.tensor(pieces, device="cpu")
         return {"input_ids": ids, "attention_mask": ids != 0}
 
     def forward(self, tokenized: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
