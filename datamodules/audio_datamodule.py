@@ -120,12 +120,53 @@ def collate_clips(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class TrainShard:
+    """Which part of each epoch one process reads: ``num_replicas`` processes (ranks),
+    ``accumulate`` micro-batches of ``batch_size`` per optimizer step.
+
+    Read from a Lightning Trainer with :func:`train_shard_of`; the default is one process.
+    """
+
+    num_replicas: int = 1
+    rank: int = 0
+    batch_size: int = 1
+    accumulate: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.num_replicas or self.batch_size < 1 or self.accumulate < 1:
+            raise ValueError(f"invalid training shard {self}")
+
+    @property
+    def step_size(self) -> int:
+        """Clips per optimizer step over all processes: replicas × accumulate × batch."""
+        return self.num_replicas * self.accumulate * self.batch_size
+
+
+def train_shard_of(trainer, batch_size: int) -> TrainShard:
+    """The shard a Trainer's process reads (one process when ``trainer`` is None)."""
+    if trainer is None:
+        return TrainShard(batch_size=batch_size)
+    return TrainShard(
+        num_replicas=int(trainer.world_size), rank=int(trainer.global_rank), batch_size=batch_size,
+        accumulate=int(trainer.accumulate_grad_batches),
+    )
+
+
 class SeededClipSampler(Sampler):
     """Training order + per-item seeds, from a generator seeded with (seed, epoch).
 
     One source: a permutation of all clips per epoch. Several sources: `num_samples`
     draws with replacement, clip k having weight `per_clip_sampling_weights` (each
     source's share proportional to its weight). Yields (index, item_seed) pairs.
+
+    Several processes / gradient accumulation (``shard``): every process draws the same
+    global (seed, epoch) order, cut into optimizer steps of ``shard.step_size`` clips;
+    in each step, rank r reads micro-batches ``r·K … r·K + K - 1`` (K = accumulate) and
+    the incomplete last step is dropped. The clips of an optimizer step and their seeds
+    are therefore the same for any split of it into processes and micro-batches — a
+    2-process run reads what one process with ``accumulate=2`` reads. With one process
+    and no accumulation every draw is yielded (the DataLoader's ``drop_last`` decides).
 
     Lightning calls `set_epoch` before each epoch; without it the epoch advances by one
     per pass.
@@ -137,6 +178,7 @@ class SeededClipSampler(Sampler):
         source_weights: Sequence[float],
         seed: int,
         num_samples: int | None = None,
+        shard: TrainShard | None = None,
     ):
         self.clip_counts = list(clip_counts)
         self.total_clips = sum(self.clip_counts)
@@ -149,6 +191,15 @@ class SeededClipSampler(Sampler):
             raise ValueError(f"num_samples must be positive, got {self.num_samples}")
         if not self.weighted and self.num_samples != self.total_clips:
             raise ValueError("samples_per_epoch can only be changed when mixing several manifests")
+        self.shard = shard or TrainShard()
+        self.sharded = self.shard.num_replicas * self.shard.accumulate > 1
+        if self.sharded and self.num_samples < self.shard.step_size:
+            s = self.shard
+            raise ValueError(
+                f"an epoch of {self.num_samples} training clips is shorter than one optimizer step of "
+                f"{s.num_replicas} processes × {s.accumulate} accumulated batches × {s.batch_size} clips = {s.step_size}; "
+                "lower the batch size, the accumulation or the number of devices"
+            )
         self.seed = int(seed)
         self.epoch = 0
 
@@ -156,9 +207,12 @@ class SeededClipSampler(Sampler):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.num_samples
+        if not self.sharded:
+            return self.num_samples
+        s = self.shard
+        return self.num_samples // s.step_size * s.accumulate * s.batch_size
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def _global_order(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         if self.weighted:
@@ -166,6 +220,18 @@ class SeededClipSampler(Sampler):
         else:
             order = rng.permutation(self.total_clips)
         item_seeds = rng.integers(0, 2**63 - 1, size=self.num_samples, dtype=np.int64)
+        return order, item_seeds
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, item_seeds = self._global_order()
+        if self.sharded:
+            s = self.shard
+            steps = self.num_samples // s.step_size
+            per_rank = s.accumulate * s.batch_size  # consecutive clips of one rank in each step
+            picked = (
+                np.arange(steps)[:, None] * s.step_size + s.rank * per_rank + np.arange(per_rank)[None, :]
+            ).reshape(-1)
+            order, item_seeds = order[picked], item_seeds[picked]
         return iter(zip(order.tolist(), item_seeds.tolist()))
 
 
@@ -308,6 +374,7 @@ class AudioCapsDataModule(L.LightningDataModule):
             [self.sources[k].weight for k in used],
             seed=self.seed,
             num_samples=self.samples_per_epoch,
+            shard=train_shard_of(self.trainer, self.batch_size),
         )
         dataset = ClipDataset(clips, self.sample_rate, self.clip_samples, train=True)
         return DataLoader(

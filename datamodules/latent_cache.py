@@ -44,7 +44,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.audio_datamodule import SeededClipSampler
+from datamodules.audio_datamodule import SeededClipSampler, train_shard_of
 
 CACHE_FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -474,8 +474,14 @@ class LatentDataModule(L.LightningDataModule):
         is_train = stage == "train"
         dataset = self.datasets[stage]
         # Training order and per-item seeds come from (seed, epoch): batches do not depend on
-        # num_workers, and resuming at an epoch boundary replays exactly.
-        sampler = SeededClipSampler([len(dataset)], [1.0], seed=self.seed) if is_train else None
+        # num_workers, and resuming at an epoch boundary replays exactly. Under DDP each rank
+        # reads its shard of every optimizer step (SeededClipSampler); validation is not
+        # sharded: every rank scores the whole (small) split, so val numbers do not depend on
+        # the number of devices.
+        sampler = (
+            SeededClipSampler([len(dataset)], [1.0], seed=self.seed, shard=train_shard_of(self.trainer, self.batch_size))
+            if is_train else None
+        )
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=is_train and self.drop_last,
             num_workers=self.num_workers, collate_fn=collate_latents, persistent_workers=self.num_workers > 0,

@@ -12,6 +12,7 @@ Stages of the ``audio_lm`` task (each reusable on its own):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -26,7 +27,8 @@ from datamodules.audio_datamodule import AudioCapsDataModule
 from datamodules.latent_cache import LatentCache, LatentCacheWriter, LatentDataModule
 from datamodules.manifest import ManifestSource, parse_manifest_sources
 from datamodules.synthetic import generate_corpus
-from experiments.config import atomic_write_text, last_run_dir, make_run_dir
+from experiments import ranks
+from experiments.config import ConfigError, atomic_write_text, last_run_dir, make_run_dir
 from lightning_modules.audio_lm import AudioLMSystem
 from lightning_modules.callbacks import AtomicCheckpointIO, AudioSamplesCallback
 from lightning_modules.mel_vae import MelVAESystem
@@ -35,7 +37,9 @@ from lightning_modules.parts.text_conditioning import train_sentencepiece
 
 
 def log(stage: str, message: str) -> None:
-    print(f"[{stage}] {message}", flush=True)
+    """Progress line on global rank zero (the other ranks of a launch stay quiet)."""
+    if ranks.global_rank_before_fit() == 0:
+        print(f"[{stage}] {message}", flush=True)
 
 
 def container(cfg: DictConfig) -> dict[str, Any]:
@@ -102,6 +106,30 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
+SHARDED_STRATEGIES = ("fsdp", "deepspeed")
+
+
+def check_distributed_settings(cfg: DictConfig) -> None:
+    """Refuse, before any work, settings Lightning cannot run together."""
+    strategy = str(cfg.trainer.strategy)
+    if cfg.optim.ema_decay > 0 and strategy.startswith(SHARDED_STRATEGIES):
+        raise ConfigError(
+            f"trainer.strategy={strategy} shards the weights, and Lightning's EMA (WeightAveraging) cannot average "
+            "sharded weights: set optim.ema_decay=0 (no EMA) or use trainer.strategy=ddp"
+        )
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0: no EMA), got {cfg.optim.ema_decay}")
+
+
+def describe_batch(trainer: L.Trainer, batch_size: int) -> str:
+    """The effective-batch arithmetic of a launch, e.g. ``8 devices × 64 clips × 4 accumulated = 2048 clips``."""
+    devices, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+    return (
+        f"{devices} device{'s' if devices > 1 else ''} × {batch_size} clips × {accumulate} accumulated "
+        f"= {devices * batch_size * accumulate} clips per optimizer step"
+    )
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -109,9 +137,18 @@ def build_trainer(
     val_every_steps: int,
     callbacks: list[L.Callback],
     ckpt_every_steps: int | None = None,
+    single_device: bool = False,
 ) -> L.Trainer:
-    """A Lightning Trainer writing TensorBoard logs and checkpoints into ``run_dir``."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    """A Lightning Trainer writing TensorBoard logs and checkpoints into ``run_dir``.
+
+    Distributed training takes ``trainer.devices`` / ``strategy`` / ``num_nodes`` as they
+    are (Lightning detects torchrun and SLURM); ``single_device`` pins one device (a VAE
+    trained on the way, inside rank zero's preparation). The datamodules shard the training
+    data themselves (every rank reads its part of each optimizer step,
+    :class:`~datamodules.audio_datamodule.SeededClipSampler`), so Lightning's
+    distributed-sampler replacement is off.
+    """
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
     trainer_cfg = cfg.trainer
@@ -127,9 +164,10 @@ def build_trainer(
         default_root_dir=run_dir,
         max_steps=max_steps,
         accelerator=trainer_cfg.accelerator,
-        devices=trainer_cfg.devices,
-        strategy=trainer_cfg.strategy,
-        num_nodes=trainer_cfg.num_nodes,
+        devices=1 if single_device else trainer_cfg.devices,
+        strategy="auto" if single_device else trainer_cfg.strategy,
+        num_nodes=1 if single_device else trainer_cfg.num_nodes,
+        use_distributed_sampler=False,
         precision=resolve_precision(trainer_cfg.precision),
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip,
@@ -138,7 +176,9 @@ def build_trainer(
         limit_val_batches=trainer_cfg.limit_val_batches,
         log_every_n_steps=trainer_cfg.log_every_steps,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False),
-        callbacks=[*callbacks, checkpoint, LearningRateMonitor(logging_interval="step")],
+        # The bar refreshes at the logging interval: its loss readout is a host sync.
+        callbacks=[*callbacks, checkpoint, LearningRateMonitor(logging_interval="step"),
+                   TQDMProgressBar(refresh_rate=max(1, int(trainer_cfg.log_every_steps)))],
         plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
         enable_model_summary=False,
@@ -182,18 +222,38 @@ def vocoder_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return container(cfg.vocoder)
 
 
-def train_mel_vae(cfg: DictConfig, experiment: str | None = None) -> Path:
-    """Train the mel-VAE and export the pretransform to ``<run_dir>/pretransform``."""
+def sources_record(sources: list[ManifestSource]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(source) for source in sources]
+
+
+def train_mel_vae(cfg: DictConfig, experiment: str | None = None, single_device: bool = False) -> Path:
+    """Train the mel-VAE and export the pretransform to ``<run_dir>/pretransform``.
+
+    Under DDP, global rank zero prepares the data and the run directory (the other ranks
+    wait, :mod:`experiments.ranks`) and exports the pretransform after training.
+    ``single_device``: train in this process only (a VAE trained inside rank zero's
+    preparation of an LM run).
+    """
     set_threads(cfg)
     if experiment is not None:
         OmegaConf.set_struct(cfg, False)
         cfg = cfg.copy()
         cfg.experiment = experiment
         OmegaConf.set_struct(cfg, True)
-    run_dir = make_run_dir(cfg)
-    log("vae", f"run directory: {run_dir}")
+
+    def prepare() -> dict[str, Any]:
+        sources = manifest_sources(cfg)
+        run_dir = make_run_dir(cfg)
+        log("vae", f"run directory: {run_dir}")
+        return {"sources": sources_record(sources), "run_dir": str(run_dir)}
+
+    if single_device:
+        record = prepare()
+    else:
+        record = ranks.prepare_once("mel_vae", cfg.run.root, container(cfg), prepare, cfg.trainer.prepare_timeout_s)
+    run_dir = Path(record["run_dir"])
+    sources = [ManifestSource(**source) for source in record["sources"]]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    sources = manifest_sources(cfg)
     datamodule = audio_datamodule(cfg, sources, clip_seconds=cfg.vae_train.clip_seconds)
     system = MelVAESystem(
         mel=mel_kwargs(cfg),
@@ -203,14 +263,21 @@ def train_mel_vae(cfg: DictConfig, experiment: str | None = None) -> Path:
         recon_loss=cfg.vae_train.recon_loss,
         griffin_lim_iters=cfg.vocoder.griffin_lim_iters,
     )
-    trainer = build_trainer(cfg, run_dir, cfg.vae_train.max_steps, cfg.vae_train.val_every_steps, callbacks=[])
+    trainer = build_trainer(
+        cfg, run_dir, cfg.vae_train.max_steps, cfg.vae_train.val_every_steps, callbacks=[], single_device=single_device
+    )
+    log("vae", describe_batch(trainer, cfg.data.batch_size))
     start = time.perf_counter()
     trainer.fit(system, datamodule=datamodule)
     log("vae", f"trained {trainer.global_step} steps in {time.perf_counter() - start:.0f} s")
+    if not trainer.is_global_zero:
+        return run_dir
     export_dir = run_dir / "pretransform"
+    stats_data = audio_datamodule(cfg, sources, clip_seconds=cfg.vae_train.clip_seconds)  # all clips, not a rank's shard
+    stats_data.setup("fit")
     system.export_pretransform(
         export_dir,
-        stats_batches=datamodule.train_dataloader(),
+        stats_batches=stats_data.train_dataloader(),
         vocoder_cfg={"kind": "griffin_lim", "griffin_lim_iters": cfg.vocoder.griffin_lim_iters},
         max_batches=cfg.vae_train.stats_batches,
     )
@@ -237,11 +304,11 @@ def load_or_train_pretransform(cfg: DictConfig) -> MelVAEPretransform:
                 f"vae.dir {directory} holds no trained pretransform; train one with `make train EXP={vae.experiment}`, "
                 "set vae.train_if_missing=true, or set vae.pretrained_dir"
             )
-        log("vae", f"no trained VAE at {directory}: training it first (experiment {vae.experiment})")
+        log("vae", f"no trained VAE at {directory}: training it first (experiment {vae.experiment}, on one device)")
         vae_cfg = cfg.copy()
         OmegaConf.set_struct(vae_cfg, False)
         vae_cfg.task = "mel_vae"
-        train_mel_vae(vae_cfg, experiment=vae.experiment)
+        train_mel_vae(vae_cfg, experiment=vae.experiment, single_device=True)
     directory = directory.resolve()  # pin the run that `last` points to now
     log("vae", f"loading pretransform from {directory}")
     OmegaConf.set_struct(cfg, False)
@@ -371,16 +438,23 @@ def held_out_captions(cache: LatentCache, cfg: DictConfig, count: int) -> list[s
     return captions
 
 
-def build_audio_lm(cfg: DictConfig, cache: LatentCache, run_dir: Path, pretransform_fingerprint: str) -> AudioLMSystem:
-    """A fresh system (tokenizer trained on the cache's training captions when text.kind is
-    scratch) with the cache's latent statistics, optionally initialised from a checkpoint."""
-    sp_model_path = None
-    if cfg.text.kind == "scratch":
-        captions = cache_captions(cache, cfg.data.train_split)
-        sp_model_path = str(train_sentencepiece(captions, str(run_dir / "text" / "spm"), cfg.text.vocab_size))
+def prepare_tokenizer(cfg: DictConfig, cache: LatentCache, run_dir: Path) -> str | None:
+    """``text.kind: scratch``: train the sentencepiece model on the cache's training captions
+    (into ``<run_dir>/text/``); returns its path (None for pretrained text encoders)."""
+    if cfg.text.kind != "scratch":
+        return None
+    captions = cache_captions(cache, cfg.data.train_split)
+    path = str(train_sentencepiece(captions, str(run_dir / "text" / "spm"), cfg.text.vocab_size))
+    log("text", f"sentencepiece tokenizer trained on {len(captions)} captions")
+    return path
+
+
+def build_audio_lm(
+    cfg: DictConfig, cache: LatentCache, sp_model_path: str | None, pretransform_fingerprint: str
+) -> AudioLMSystem:
+    """A fresh system with the cache's latent statistics (and the tokenizer of
+    :func:`prepare_tokenizer` when text.kind is scratch), optionally initialised from a checkpoint."""
     system = AudioLMSystem(container(cfg), sp_model_path=sp_model_path, pretransform_fingerprint=pretransform_fingerprint)
-    if sp_model_path:
-        log("text", f"sentencepiece tokenizer ({system.text.vocab_size} pieces) trained on {len(captions)} captions")
     system.set_latent_stats(cache.mean, cache.std)
     if cfg.model.init_from:
         state = torch.load(cfg.model.init_from, map_location="cpu", weights_only=False)["state_dict"]
@@ -393,18 +467,18 @@ def build_audio_lm(cfg: DictConfig, cache: LatentCache, run_dir: Path, pretransf
     return system
 
 
-def train_audio_lm(cfg: DictConfig) -> Path:
-    """The whole pipeline: data → pretransform → latent cache → language model → samples."""
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-
-    set_threads(cfg)
+def prepare_audio_lm(cfg: DictConfig, loaded: dict[str, Any]) -> dict[str, Any]:
+    """Global rank zero's preparation: corpus → pretransform (trained first when missing) →
+    latent cache → run directory → tokenizer. Returns what every rank needs to open them
+    read-only; the pretransform it loaded is left in ``loaded``."""
+    resume = resolve_resume(cfg)  # first: a wrong path fails before any work, and before the new run becomes `last`
     timings: dict[str, float] = {}
     start = time.perf_counter()
     sources = manifest_sources(cfg)
     timings["corpus"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    pretransform = load_or_train_pretransform(cfg)
+    pretransform = load_or_train_pretransform(cfg)  # pins cfg.vae.dir to the run it loads
     if pretransform.token_dim != cfg.model.token_dim:
         raise ValueError(
             f"model.token_dim={cfg.model.token_dim} but the pretransform makes tokens of {pretransform.token_dim} values"
@@ -417,6 +491,38 @@ def train_audio_lm(cfg: DictConfig) -> Path:
 
     run_dir = make_run_dir(cfg)
     log("lm", f"run directory: {run_dir}")
+    cache = LatentCache(cache_dir, expected_fingerprint=cache_fingerprint(cfg, pretransform, sources))
+    loaded["pretransform"] = pretransform
+    return {
+        "sources": sources_record(sources), "vae_dir": cfg.vae.dir, "cache_dir": str(cache_dir),
+        "run_dir": str(run_dir), "sp_model_path": prepare_tokenizer(cfg, cache, run_dir), "resume": resume,
+        "timings_s": timings,
+    }
+
+
+def train_audio_lm(cfg: DictConfig) -> Path:
+    """The whole pipeline: data → pretransform → latent cache → language model → samples.
+
+    Multi-process launches: global rank zero prepares everything up to the run directory
+    (:func:`prepare_audio_lm`), the other ranks wait for it and open the results read-only;
+    every rank then trains on its shard of each optimizer step, and only rank zero writes
+    logs, checkpoints, samples and ``summary.json``.
+    """
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    check_distributed_settings(cfg)
+    set_threads(cfg)
+    loaded: dict[str, Any] = {}
+    record = ranks.prepare_once(
+        "audio_lm", cfg.run.root, container(cfg), lambda: prepare_audio_lm(cfg, loaded), cfg.trainer.prepare_timeout_s
+    )
+    sources = [ManifestSource(**source) for source in record["sources"]]
+    OmegaConf.set_struct(cfg, False)
+    cfg.vae.dir = record["vae_dir"]  # the VAE run rank zero pinned
+    OmegaConf.set_struct(cfg, True)
+    pretransform = loaded.get("pretransform") or load_pretransform_for(cfg)
+    run_dir, cache_dir = Path(record["run_dir"]), Path(record["cache_dir"])
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     fingerprint = cache_fingerprint(cfg, pretransform, sources)
     cache = LatentCache(cache_dir, expected_fingerprint=fingerprint)
@@ -429,7 +535,7 @@ def train_audio_lm(cfg: DictConfig) -> Path:
         splits={"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split},
         expected_fingerprint=fingerprint,
     )
-    system = build_audio_lm(cfg, cache, run_dir, pretransform.fingerprint())
+    system = build_audio_lm(cfg, cache, record["sp_model_path"], pretransform.fingerprint())
     counts = system.parameter_summary()
     log("model", "trainable parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
 
@@ -442,22 +548,28 @@ def train_audio_lm(cfg: DictConfig) -> Path:
         every_n_steps=cfg.sample.every_steps,
         settings=container(cfg.sample),
     )
-    ema = EMAWeightAveraging(
-        decay=cfg.optim.ema_decay, update_starting_at_step=cfg.optim.ema_start_step, use_buffers=True
-    )
+    callbacks: list[L.Callback] = [samples]
+    if cfg.optim.ema_decay > 0:  # EMA first: the samples callback then sees the averaged weights
+        callbacks.insert(0, EMAWeightAveraging(
+            decay=cfg.optim.ema_decay, update_starting_at_step=cfg.optim.ema_start_step, use_buffers=True
+        ))
     trainer = build_trainer(
         cfg,
         run_dir,
         cfg.trainer.max_steps,
         cfg.trainer.val_every_steps,
-        callbacks=[ema, samples],  # EMA first: the samples callback then sees the averaged weights
+        callbacks=callbacks,
         ckpt_every_steps=cfg.trainer.ckpt_every_steps,
     )
+    log("lm", describe_batch(trainer, cfg.trainer.batch_size))
     start = time.perf_counter()
-    trainer.fit(system, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
-    timings["lm"] = time.perf_counter() - start
+    trainer.fit(system, datamodule=datamodule, ckpt_path=record["resume"])
+    timings = dict(record["timings_s"], lm=time.perf_counter() - start)
+    if not trainer.is_global_zero:
+        return run_dir
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    summary = {"timings_s": timings, "final_metrics": metrics, "samples": str(run_dir / "samples")}
+    summary = {"timings_s": timings, "final_metrics": metrics, "samples": str(run_dir / "samples"),
+               "world_size": trainer.world_size}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     log("lm", "stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     log("lm", "final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/" in k and "by_t" not in k))

@@ -184,3 +184,36 @@ def test_weighted_mixture_of_manifests(data_dir, tmp_path):
     assert first_epoch != second_epoch
     sampler.set_epoch(0)
     assert list(sampler)[:50] == list(SeededClipSampler([3, 6], [1.0, 3.0], seed=0, num_samples=8000))[:50]
+
+
+@pytest.mark.parametrize("counts,weights", [([23], [1.0]), ([7, 16], [1.0, 2.0])])
+def test_sharded_sampler_splits_each_optimizer_step_the_same_way(counts, weights):
+    """Any split of an optimizer step into processes × accumulated micro-batches reads the
+    same clips with the same seeds, in the same order of micro-batches, as one process."""
+    from datamodules.audio_datamodule import TrainShard
+
+    batch, num = 2, 23
+    single = list(SeededClipSampler(counts, weights, seed=3, num_samples=num))
+    for replicas, accumulate in [(1, 2), (2, 1), (2, 2), (4, 1)]:
+        step = replicas * accumulate * batch
+        per_rank = [
+            list(SeededClipSampler(counts, weights, seed=3, num_samples=num,
+                                   shard=TrainShard(replicas, rank, batch, accumulate)))
+            for rank in range(replicas)
+        ]
+        assert all(len(p) == num // step * accumulate * batch for p in per_rank)
+        # interleave: step s = rank 0's K micro-batches, then rank 1's, ...
+        merged = [item for s in range(num // step) for p in per_rank
+                  for item in p[s * accumulate * batch:(s + 1) * accumulate * batch]]
+        assert merged == single[: num // step * step], (replicas, accumulate)
+        # ranks never read the same draw
+        assert not set(map(tuple, per_rank[0])) & {tuple(x) for p in per_rank[1:] for x in p}
+
+
+def test_sharded_sampler_refuses_an_epoch_shorter_than_one_step():
+    from datamodules.audio_datamodule import TrainShard
+
+    with pytest.raises(ValueError, match="shorter than one optimizer step of 4 processes"):
+        SeededClipSampler([10], [1.0], seed=0, shard=TrainShard(4, 0, 2, 2))
+    with pytest.raises(ValueError, match="invalid training shard"):
+        TrainShard(2, 2, 1, 1)

@@ -167,3 +167,15 @@ def test_corpus_cli_generates_and_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train 4" in out and "test_novel 2" in out
     assert corpus.main(["ntp_base"]) == 2
+
+
+def test_resume_last_continues_the_previous_run(demo_run):
+    """`trainer.resume=last` takes the previous run's last.ckpt (resolved before the new run
+    directory becomes `last`) and continues from its step."""
+    root, previous = demo_run
+    cfg = load_config("demo", [*tiny_overrides(root), "trainer.resume=last", "trainer.max_steps=10"])
+    resumed = pipeline.run_task(cfg)
+    assert resumed != previous
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 10
+    assert not (resumed / "checkpoints" / "step0000004.ckpt").exists()  # steps 1-8 were not trained again
