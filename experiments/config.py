@@ -53,6 +53,10 @@ def _compatible(base_value: Any, new_value: Any) -> bool:
         return True
     if new_value is None:
         return False
+    if base_value == "auto":  # "auto" defaults (trainer.devices) also take a number or a list (device ids)
+        return isinstance(new_value, (str, ListConfig, list, tuple)) or (
+            isinstance(new_value, int) and not isinstance(new_value, bool)
+        )
     if isinstance(base_value, bool) or isinstance(new_value, bool):
         return isinstance(base_value, bool) and isinstance(new_value, bool)
     if isinstance(base_value, float):

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     run_dir = pipeline.run_task(cfg)
-    print(f"[train] {cfg.experiment} finished in {time.perf_counter() - start:.0f} s; run directory: {run_dir}")
+    pipeline.log("train", f"{cfg.experiment} finished in {time.perf_counter() - start:.0f} s; run directory: {run_dir}")
     return 0
 
 

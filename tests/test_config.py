@@ -77,6 +77,8 @@ def test_misspelled_key_fails_naming_it(override, key):
         ("trainer.max_steps=1.5", "trainer.max_steps"),
         ("mntp.predict_skipped=3", "mntp.predict_skipped"),
         ("optim.betas=0.9", "optim.betas"),
+        ("trainer.devices=1.5", "trainer.devices"),
+        ("trainer.devices=true", "trainer.devices"),
     ],
 )
 def test_wrongly_typed_value_fails_naming_it(override, key):
@@ -87,6 +89,13 @@ def test_wrongly_typed_value_fails_naming_it(override, key):
 def test_int_is_accepted_for_float_keys_and_null_for_optional_keys():
     cfg = load_config("demo", ["optim.lr=1", "vae.pretrained_dir=some/dir"])
     assert cfg.optim.lr == 1 and cfg.vae.pretrained_dir == "some/dir"
+
+
+def test_auto_keys_take_numbers_and_device_lists():
+    """`make train EXP=masked_base ARGS="trainer.devices=8"` — the README's multi-GPU line."""
+    assert load_config("masked_base", ["trainer.devices=8"]).trainer.devices == 8
+    assert list(load_config("demo", ["trainer.devices=[0,2]"]).trainer.devices) == [0, 2]
+    assert load_config("demo", ["trainer.devices=auto"]).trainer.devices == "auto"
 
 
 def test_struct_mode_rejects_unknown_attribute_access():
