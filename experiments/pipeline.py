@@ -496,8 +496,36 @@ def prepare_audio_lm(cfg: DictConfig, loaded: dict[str, Any]) -> dict[str, Any]:
     return {
         "sources": sources_record(sources), "vae_dir": cfg.vae.dir, "cache_dir": str(cache_dir),
         "run_dir": str(run_dir), "sp_model_path": prepare_tokenizer(cfg, cache, run_dir), "resume": resume,
-        "timings_s": timings,
+        "text_embeddings": ensure_text_embeddings(cfg, cache), "timings_s": timings,
     }
+
+
+def text_device(cfg: DictConfig) -> torch.device:
+    """Where rank zero runs frozen encoders while preparing: the first GPU unless told CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+
+
+@torch.no_grad()
+def ensure_text_embeddings(cfg: DictConfig, cache: LatentCache) -> str | None:
+    """``text.kind: pretrained`` with ``text.precompute``: the frozen T5 + CLAP outputs of
+    every caption in the cache, computed once into ``<cache dir>/text_<encoders>.pt``
+    (reused when it exists). Returns its path, or None when nothing is precomputed."""
+    from lightning_modules.parts.text_conditioning import FrozenTextEmbeddings, build_text_conditioner
+
+    if cfg.text.kind != "pretrained" or not cfg.text.precompute:
+        return None
+    conditioner = build_text_conditioner(cfg.text, out_dim=8).to(text_device(cfg))
+    path = cache.cache_dir / f"text_{conditioner.encoder_fingerprint()}.pt"
+    if path.is_file():
+        log("text", f"frozen text embeddings ready at {path}")
+        return str(path)
+    captions = [c for split in cache.splits for c in cache_captions(cache, split)]
+    start = time.perf_counter()
+    FrozenTextEmbeddings.write(path, conditioner, captions, batch_size=cfg.cache.batch_size,
+                               dtype=getattr(torch, cfg.cache.dtype), progress=True)
+    log("text", f"frozen T5 + CLAP run once over {len(set(captions))} captions into {path} "
+        f"({time.perf_counter() - start:.0f} s)")
+    return str(path)
 
 
 def train_audio_lm(cfg: DictConfig) -> Path:
@@ -536,6 +564,8 @@ def train_audio_lm(cfg: DictConfig) -> Path:
         expected_fingerprint=fingerprint,
     )
     system = build_audio_lm(cfg, cache, record["sp_model_path"], pretransform.fingerprint())
+    if record.get("text_embeddings"):
+        system.text.use_precomputed(record["text_embeddings"])
     counts = system.parameter_summary()
     log("model", "trainable parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
 

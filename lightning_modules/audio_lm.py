@@ -175,7 +175,10 @@ class AudioLMSystem(L.LightningModule):
 
     def encode_text(self, captions: list[str], drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions → prefix (B, L, D) and mask (B, L); rows where ``drop`` (B,) is True get the null prefix."""
-        tokenized = {k: v.to(self.device, non_blocking=True) for k, v in self.text.tokenize(captions).items()}
+        tokenized = {  # tensors to the device; host-side entries (precomputed-text rows) stay
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in self.text.tokenize(captions).items()
+        }
         prefix, mask = self.text(tokenized)
         if drop is not None:  # applied unconditionally: testing drop.any() would synchronise
             prefix, mask = apply_text_dropout(prefix, mask, self.null_prefix, drop.to(self.device))

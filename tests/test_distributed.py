@@ -94,6 +94,7 @@ def test_ddp_two_processes_equal_one_process_accumulating(rehearsal):
     (ddp_run,) = run_dirs(root / "ddp", "masked_base")  # one run directory for both ranks
     caches = [p for p in (root / "data" / "cache").iterdir() if p.is_dir()]
     assert len(caches) == 1 and ddp_out.count("[cache] encoded") == 1  # data prepared once
+    assert ddp_out.count("frozen T5 + CLAP run once") == 1 and list(caches[0].glob("text_*.pt"))
     summary = json.loads((ddp_run / "summary.json").read_text())
     assert summary["world_size"] == 2
 

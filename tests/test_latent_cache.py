@@ -178,3 +178,47 @@ def test_pretransform_feeds_the_cache_and_decodes_back(tmp_path):
     other = MelVAEPretransform.from_scratch({}, tiny, dict(griffin_lim_iters=1))
     with pytest.raises(CacheMismatchError):
         LatentCache(tmp_path, expected_fingerprint={"vae": other.fingerprint()})
+
+
+MEMORY_PROBE = """
+import sys, torch
+from datamodules.latent_cache import LatentCache
+
+def anonymous_kib():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1])
+
+cache = LatentCache(sys.argv[1], mmap=sys.argv[2] == "1")
+before = anonymous_kib()
+records = cache.records("train")
+total = sum(float(r["mean"].float().sum() + r["std"].float().sum()) for r in records)  # touch every value
+print(anonymous_kib() - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc")
+def test_shards_are_memory_mapped_not_copied_into_each_process(tmp_path):
+    """A rank's private (anonymous) memory does not grow with the cache: the shards are
+    file-backed pages shared through the page cache. Reading them without the mapping does
+    grow it by the cache's size — the measurement can tell the two apart."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    g = torch.Generator().manual_seed(0)
+    writer = LatentCacheWriter(tmp_path, fingerprint=FINGERPRINT, shard_size=16, dtype="float32")
+    for k in range(64):
+        mean = torch.randn(500, 128, generator=g)
+        writer.add(f"c{k}", mean, mean.abs(), None, ["a caption"], None, "train")
+    writer.finalize()
+    data_kib = 64 * 500 * 128 * 4 * 2 // 1024  # 32 MB of mean + std
+    repo = Path(__file__).resolve().parents[1]
+    grown = {}
+    for mmap in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path), mmap], cwd=repo,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        grown[mmap] = int(out.stdout.split()[-1])
+    assert grown["0"] > 0.8 * data_kib, grown  # a private copy
+    assert grown["1"] < 0.25 * data_kib, grown  # mapped: stays in the shared page cache

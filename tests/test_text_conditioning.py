@@ -124,3 +124,35 @@ def test_pretrained_missing_dirs(tmp_path, pretrained_dirs):
         PretrainedT5ClapConditioner(str(tmp_path / "nope"), clap_dir, out_dim=8)
     with pytest.raises(FileNotFoundError, match="clap_dir"):
         PretrainedT5ClapConditioner(t5_dir, str(tmp_path), out_dim=8)  # exists, no config.json
+
+
+def test_precomputed_frozen_text_equals_running_the_encoders(pretrained_dirs, tmp_path):
+    """The frozen T5 + CLAP outputs read from the precomputed file give the prefix the
+    encoders give (at every valid position; padding is masked out), without running them;
+    captions not in the file still run them; a file of other encoders is refused."""
+    from lightning_modules.parts.text_conditioning import FrozenTextEmbeddings
+
+    t5_dir, clap_dir, _ = pretrained_dirs
+    torch.manual_seed(0)
+    cond = PretrainedT5ClapConditioner(t5_dir, clap_dir, out_dim=24)
+    stored = ["a dog barks in the rain", "a car", "a dog barks in the rain", "wind blows"]
+    path = FrozenTextEmbeddings.write(tmp_path / "text.pt", cond, stored, batch_size=2, dtype=torch.float32)
+    captions = ["wind blows", "a car", "a dog barks in the rain"]
+    expected, mask = cond(cond.tokenize(captions))
+    cond.use_precomputed(path)
+    assert len(cond.store) == 3
+    calls = []
+    for model in cond._frozen.values():
+        model.register_forward_hook(lambda *a: calls.append(1))
+    tokenized = cond.tokenize(captions)
+    assert "store_rows" in tokenized
+    prefix, mask_stored = cond(tokenized)
+    assert calls == [] and torch.equal(mask, mask_stored)
+    torch.testing.assert_close(prefix[mask], expected[mask], atol=1e-6, rtol=1e-6)
+    assert "store_rows" not in cond.tokenize(["a new prompt", "a car"])  # not stored: the encoders run
+    cond(cond.tokenize(["a new prompt", "a car"]))
+    assert calls
+    assert copy.deepcopy(cond).store is cond.store  # the EMA copy shares the mapping
+    other = PretrainedT5ClapConditioner(t5_dir, clap_dir, out_dim=24, t5_max_len=20)
+    with pytest.raises(ValueError, match="other encoders"):
+        other.use_precomputed(path)

@@ -18,8 +18,13 @@ guidance (:func:`apply_text_dropout`).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
+import tempfile
 from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -201,6 +206,85 @@ def _load_local(model_cls, path: str, what: str):
     return tok, model
 
 
+class FrozenTextEmbeddings:
+    """Frozen FLAN-T5 + CLAP outputs of a fixed set of captions, computed once and
+    memory-mapped from one file (shared by every rank and worker through the page cache).
+
+    File (``torch.save``): ``captions`` [N str], ``t5`` (T, d_t5) the valid T5 token rows of
+    every caption concatenated, ``offsets`` (N + 1,) long into ``t5``, ``clap`` (N, d_clap)
+    normalised CLAP embeddings, ``fingerprint`` of the frozen encoders that made them.
+    Padding positions are not stored: the decoder masks them out.
+
+    Args:
+        path: the file :meth:`write` wrote.
+        expected_fingerprint: refuse a file made by other encoders (see
+            :meth:`PretrainedT5ClapConditioner.encoder_fingerprint`).
+    """
+
+    def __init__(self, path: str | os.PathLike, expected_fingerprint: str | None = None) -> None:
+        self.path = Path(path)
+        data = torch.load(self.path, weights_only=True, mmap=True)
+        if expected_fingerprint is not None and data["fingerprint"] != expected_fingerprint:
+            raise ValueError(
+                f"{self.path} holds text embeddings of other encoders ({data['fingerprint']}, "
+                f"expected {expected_fingerprint}); delete it to recompute"
+            )
+        self.t5, self.offsets, self.clap = data["t5"], data["offsets"], data["clap"]
+        self.index = {caption: i for i, caption in enumerate(data["captions"])}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, captions: Sequence[str]) -> tuple[int, ...] | None:
+        """Row of every caption, or None when one of them is not stored (then the encoders run)."""
+        rows = tuple(self.index.get(c, -1) for c in captions)
+        return None if -1 in rows else rows
+
+    def gather(self, rows: Sequence[int], t5_max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> t5 (B, t5_max_len, d_t5) zero-padded, clap (B, d_clap), float32 on the host."""
+        t5 = torch.zeros(len(rows), t5_max_len, self.t5.shape[1])
+        for b, row in enumerate(rows):
+            start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+            t5[b, : end - start] = self.t5[start:end].float()
+        return t5, self.clap[list(rows)].float()
+
+    @staticmethod
+    def write(path: str | os.PathLike, conditioner: "PretrainedT5ClapConditioner", captions: Sequence[str],
+              batch_size: int = 64, dtype: torch.dtype = torch.float16, progress: bool = False) -> Path:
+        """Run the frozen encoders over the distinct ``captions`` once and save them
+        atomically at ``path`` (on the conditioner's device)."""
+        unique = list(dict.fromkeys(captions))
+        t5_rows, lengths, clap = [], [], []
+        batches = range(0, len(unique), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="[text] frozen T5 + CLAP", unit="batch", mininterval=5)
+        for start in batches:
+            tokenized = conditioner.tokenize(unique[start : start + batch_size])
+            t5_h, clap_e = conditioner.frozen_embeddings(tokenized)
+            valid = tokenized["t5_attention_mask"].sum(1).tolist()
+            for b, n in enumerate(valid):
+                t5_rows.append(t5_h[b, :n].to("cpu", dtype))
+                lengths.append(n)
+            clap.append(clap_e.cpu())
+        offsets = torch.zeros(len(unique) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+        payload = dict(captions=unique, t5=torch.cat(t5_rows), offsets=offsets, clap=torch.cat(clap),
+                       fingerprint=conditioner.encoder_fingerprint())
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+
 class PretrainedT5ClapConditioner(TextConditioner):
     """Frozen FLAN-T5 token embeddings + frozen CLAP sentence embedding -> 78-position prefix.
 
@@ -240,6 +324,26 @@ class PretrainedT5ClapConditioner(TextConditioner):
             nn.init.zeros_(m.bias)
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.store: FrozenTextEmbeddings | None = None
+        self._dirs = (t5_dir, clap_dir)
+
+    def encoder_fingerprint(self) -> str:
+        """Identifies the frozen encoders (configs and weight files) and the T5 length."""
+        parts: list = [self.t5_max_len]
+        for directory in self._dirs:
+            for name in sorted(os.listdir(directory)):
+                path = os.path.join(directory, name)
+                if name == "config.json":
+                    parts.append(json.loads(Path(path).read_text()))
+                elif name.endswith((".safetensors", ".bin")):
+                    parts.append([name, os.path.getsize(path)])
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def use_precomputed(self, path: str | os.PathLike | None) -> None:
+        """Read the frozen outputs of the captions stored at ``path`` (a
+        :class:`FrozenTextEmbeddings` file of these encoders) instead of running the encoders;
+        captions not in it (new prompts) still run them. None: always run them."""
+        self.store = None if path is None else FrozenTextEmbeddings(path, expected_fingerprint=self.encoder_fingerprint())
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -256,7 +360,11 @@ class PretrainedT5ClapConditioner(TextConditioner):
         clap = self._tokenizers["clap"](captions, padding="longest", max_length=77,
                                         truncation=True, return_tensors="pt")
         return {"t5_input_ids": t5["input_ids"], "t5_attention_mask": t5["attention_mask"].bool(),
-                "clap_input_ids": clap["input_ids"], "clap_attention_mask": clap["attention_mask"].bool()}
+                "clap_input_ids": clap["input_ids"], "clap_attention_mask": clap["attention_mask"].bool(),
+                **({"store_rows": rows} if (rows := self._store_rows(captions)) is not None else {})}
+
+    def _store_rows(self, captions: list[str]) -> tuple[int, ...] | None:
+        return self.store.lookup(captions) if self.store is not None else None
 
     @torch.no_grad()
     def frozen_embeddings(self, tokenized: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,6 +379,10 @@ class PretrainedT5ClapConditioner(TextConditioner):
         return t5_h.float(), F.normalize(clap_e.float(), dim=-1)
 
     def _cached_frozen(self, tokenized: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "store_rows" in tokenized and self.store is not None:  # decided on the host, in tokenize
+            device = self.t5_proj.weight.device
+            t5_h, clap_e = self.store.gather(tokenized["store_rows"], self.t5_max_len)
+            return t5_h.to(device, non_blocking=True), clap_e.to(device, non_blocking=True)
         if self.cache_size <= 0:
             return self.frozen_embeddings(tokenized)
         B = tokenized["t5_input_ids"].shape[0]
@@ -304,6 +416,7 @@ class PretrainedT5ClapConditioner(TextConditioner):
         # an EMA copy shares the frozen models and tokenizers instead of duplicating them
         memo[id(self._frozen)] = self._frozen
         memo[id(self._tokenizers)] = self._tokenizers
+        memo[id(self.store)] = self.store  # memory-mapped, read-only: shared too
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
