@@ -25,7 +25,7 @@ OUT ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train cache generate eval evaluator ablate bench test test-full tensorboard notebook corpus manifest clean-venv
+.PHONY: help setup train cache generate eval evaluator ablate bench gpu-check rehearsal test test-min test-full tensorboard notebook corpus manifest clean-venv
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -63,6 +63,12 @@ evaluator: $(STAMP) ## Train the offline evaluator network for the synthetic cor
 ablate: $(STAMP) ## NTP vs MNTP on the synthetic corpus, same budget and seed, side-by-side table
 	$(PY) -m experiments.ablate $(ARGS)
 
+rehearsal: $(STAMP) ## Write an AudioCaps-shaped tree with tiny random AudioLDM/FLAN-T5/CLAP dirs: make rehearsal ARGS="--root DIR"
+	$(PY) -m experiments.rehearsal $(ARGS)
+
+gpu-check: $(STAMP) ## One GPU, paper shapes, a few minutes: step time, tokens/s, TFLOP/s vs peak, memory, generation RTF
+	$(PY) -m experiments.gpu_check $(ARGS)
+
 bench: $(STAMP) ## Throughput benchmarks (ratios measured in one run)
 	$(PY) -m experiments.bench $(ARGS)
 
@@ -71,6 +77,12 @@ corpus: $(STAMP) ## Generate the built-in synthetic corpus of an experiment
 
 test: $(STAMP) ## Fast tests (excludes tests marked slow)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-min: ## Fast tests in .venv-min with every dependency at its setup.cfg lower bound (.ci/min-versions.txt)
+	@test -x .venv-min/bin/python || $(PYTHON_BOOTSTRAP) -m venv .venv-min
+	.venv-min/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	.venv-min/bin/python -m pip install -q --disable-pip-version-check -c .ci/min-versions.txt -e ".[dev]"
+	.venv-min/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 test-full: $(STAMP) ## All tests, including slow end-to-end ones
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -9,7 +9,11 @@ tokens, so it needs no trained run. Measures:
 2. ``diffusion_batch_mul``: one decoder pass + the head on 4 noise draws vs 4 full steps;
 3. reading cached latents vs reading audio and encoding it with the VAE per batch;
 4. bf16 autocast vs fp32 for the training step on this device;
-5. one autocast region around the sampling loop vs entering autocast per step.
+5. one autocast region around the sampling loop vs entering autocast per step;
+6. ``model.activation_checkpointing``: training step time and the activation bytes kept
+   for backward, with vs without;
+7. ``trainer.compile``: training step time with the decoder and the diffusion MLP compiled
+   (``nn.Module.compile``) vs eager, and the one-off compile time (``--no-compile`` skips it).
 
 Writes ``<run.root>/bench/<timestamp>.json`` and prints a table.
 """
@@ -54,6 +58,7 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device | None = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile benchmark (it compiles for minutes)")
     args, rest = parser.parse_known_args(argv)
     from omegaconf import OmegaConf
 
@@ -178,6 +183,53 @@ def main(argv: list[str] | None = None) -> int:
         t_one, t_per = timed(one_region, r), timed(per_step, r)
     results["autocast_region"] = {"one_region_s": t_one, "per_step_s": t_per, "ratio_per_step_over_one": t_per / t_one}
 
+    # 6. Activation checkpointing: step time, and bytes saved for backward (device-independent).
+    system.train()
+
+    def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn()
+        loss.backward()
+        system.zero_grad(set_to_none=True)
+        return total
+
+    loss_fn = lambda: system.diffusion_loss(batch, zeros, gen(), 0.0)["loss"]
+    plain_bytes = saved_bytes(loss_fn)
+    t_plain = timed(step_mul, r)  # re-timed beside the variant: the ratio is of neighbours
+    system.decoder.activation_checkpointing = True
+    try:
+        ckpt_bytes = saved_bytes(loss_fn)
+        t_ckpt = timed(step_mul, r)
+    finally:
+        system.decoder.activation_checkpointing = False
+    system.zero_grad(set_to_none=True)
+    results["activation_checkpointing"] = {
+        "plain_step_s": t_plain, "checkpointed_step_s": t_ckpt, "slowdown": t_ckpt / t_plain,
+        "plain_saved_mb": plain_bytes / 2**20, "checkpointed_saved_mb": ckpt_bytes / 2**20,
+        "memory_ratio": plain_bytes / max(1, ckpt_bytes),
+    }
+
+    # 7. torch.compile of the decoder and the diffusion MLP (in place: same parameters).
+    if not args.no_compile:
+        t_eager = timed(step_mul, r)
+        start = time.perf_counter()
+        system.decoder.compile(dynamic=True)
+        system.head.net.compile(dynamic=True)
+        step_mul()  # the first step compiles
+        synchronize(device)
+        t_compile_first = time.perf_counter() - start
+        t_compiled = timed(step_mul, r)
+        system.zero_grad(set_to_none=True)
+        results["compile"] = {"eager_step_s": t_eager, "compiled_step_s": t_compiled, "speedup": t_eager / t_compiled,
+                              "first_step_with_compile_s": t_compile_first}
+
     header = {"experiment": name, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "batch": B, "tokens": N, "parameters": system.parameter_summary()}
     print(f"[bench] {name} on {device} ({torch.get_num_threads()} threads), batch {B} × {N} tokens")
@@ -187,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| latent cache | encode {t_encode:.3f} s/batch vs cached {t_cached:.4f} s | train step {results['latent_cache']['step_speedup_from_cache']:.2f}× faster |")
     print(f"| bf16 autocast | {t_bf16:.3f} s vs fp32 {t_mul:.3f} s | {t_mul / t_bf16:.2f}× |")
     print(f"| autocast around sampling | one region {t_one:.3f} s vs per step {t_per:.3f} s | {t_per / t_one:.2f}× |")
+    ac = results["activation_checkpointing"]
+    print(f"| activation checkpointing | step {t_ckpt:.3f} s vs {t_plain:.3f} s; kept for backward {ac['checkpointed_saved_mb']:.1f} MB "
+          f"vs {ac['plain_saved_mb']:.1f} MB | {ac['slowdown']:.2f}× slower, {ac['memory_ratio']:.1f}× less activation memory |")
+    if "compile" in results:
+        c = results["compile"]
+        print(f"| torch.compile | step {c['compiled_step_s']:.3f} s vs eager {c['eager_step_s']:.3f} s (first step {c['first_step_with_compile_s']:.0f} s) "
+              f"| {c['speedup']:.2f}× |")
     out = out_root / f"{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     atomic_write_text(out, json.dumps({**header, "results": results}, indent=2))
     print(f"[bench] {out}")

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -528,8 +528,10 @@ def ensure_text_embeddings(cfg: DictConfig, cache: LatentCache) -> str | None:
     return str(path)
 
 
-def train_audio_lm(cfg: DictConfig) -> Path:
+def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Path:
     """The whole pipeline: data → pretransform → latent cache → language model → samples.
+
+    ``extra_callbacks`` join the Trainer's (``make gpu-check`` measures throughput with one).
 
     Multi-process launches: global rank zero prepares everything up to the run directory
     (:func:`prepare_audio_lm`), the other ranks wait for it and open the results read-only;
@@ -566,6 +568,9 @@ def train_audio_lm(cfg: DictConfig) -> Path:
     system = build_audio_lm(cfg, cache, record["sp_model_path"], pretransform.fingerprint())
     if record.get("text_embeddings"):
         system.text.use_precomputed(record["text_embeddings"])
+    if cfg.trainer.compile:  # in place: parameter names (and so checkpoints) are unchanged
+        system.decoder.compile(dynamic=True)
+        system.head.net.compile(dynamic=True)
     counts = system.parameter_summary()
     log("model", "trainable parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
 
@@ -578,7 +583,7 @@ def train_audio_lm(cfg: DictConfig) -> Path:
         every_n_steps=cfg.sample.every_steps,
         settings=container(cfg.sample),
     )
-    callbacks: list[L.Callback] = [samples]
+    callbacks: list[L.Callback] = [samples, *extra_callbacks]
     if cfg.optim.ema_decay > 0:  # EMA first: the samples callback then sees the averaged weights
         callbacks.insert(0, EMAWeightAveraging(
             decay=cfg.optim.ema_decay, update_starting_at_step=cfg.optim.ema_start_step, use_buffers=True

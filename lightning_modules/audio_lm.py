@@ -151,6 +151,7 @@ class AudioLMSystem(L.LightningModule):
         if hasattr(self.text, "vocab_size"):  # lets a checkpoint rebuild the encoder without the .model file
             self.hparams["text_vocab_size"] = self.text.vocab_size
         self.decoder = build_decoder(cfg, max_prefix_len=self.text.max_len)
+        self.decoder.activation_checkpointing = bool(cfg.model.get("activation_checkpointing", False))  # absent from older checkpoints
         self.head = build_head(cfg)
         # Learned "no text" prefix for classifier-free guidance: (L, D).
         self.null_prefix = nn.Parameter(torch.randn(self.text.max_len, model.width) * 0.02)

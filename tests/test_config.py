@@ -176,3 +176,23 @@ def test_checkpoint_config_gains_keys_added_to_base_later_and_keeps_stored_value
     assert cfg.model.token_dim == stored["model"]["token_dim"]
     with pytest.raises(Exception):
         cfg.sample.cfg_schedul = "linear"  # still struct mode
+
+
+def test_minimum_versions_file_pins_every_lower_bound_of_setup_cfg():
+    """`make test-min` tests exactly the lower bounds users are promised."""
+    import configparser
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    parser = configparser.ConfigParser()
+    parser.read(repo / "setup.cfg")
+    bounds = {}
+    for line in parser["options"]["install_requires"].split("\n") + parser["options.extras_require"]["pretrained"].split("\n"):
+        if line.strip():
+            name, version = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)>=([0-9.]+)\s*", line).groups()
+            bounds[name.lower()] = version
+    pins = dict(line.split("==") for line in (repo / ".ci" / "min-versions.txt").read_text().split("\n")
+                if line and not line.startswith("#"))
+    from packaging.version import Version
+
+    assert {k.lower(): Version(v) for k, v in pins.items()} == {k: Version(v) for k, v in bounds.items()}

@@ -163,3 +163,27 @@ def test_paper_parameter_counts():
         print(f"{name}: decoder {d / 1e6:.2f}M head {h / 1e6:.2f}M text-proj {t / 1e6:.2f}M "
               f"total {total / 1e6:.2f}M (paper {paper / 1e6:.0f}M)")
         assert abs(total - paper) / paper < 0.10
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(rope):
+    torch.manual_seed(0)
+    dec = tiny(rope=rope)
+    prefix, prefix_mask = padded_prefix()
+    tokens = torch.randn(3, 5, dec.token_dim)
+    results = []
+    for checkpointed in (False, True):
+        dec.activation_checkpointing = checkpointed
+        dec.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = dec(prefix, prefix_mask, tokens)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None},
+                        sum(saved)))
+    (out_a, grads_a, saved_a), (out_b, grads_b, saved_b) = results
+    assert torch.equal(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6)
+    assert saved_b < saved_a  # fewer activations kept for backward

@@ -151,10 +151,12 @@ def test_resumed_run_continues_exactly(tmp_path):
 def test_bench_reports_every_ratio(tmp_path):
     from experiments import bench
 
-    assert bench.main(["demo", *tiny_overrides(tmp_path), "--repeats", "1"]) == 0
+    assert bench.main(["demo", *tiny_overrides(tmp_path), "--repeats", "1", "--no-compile"]) == 0
     (report,) = (tmp_path / "runs" / "bench").glob("*.json")
     results = json.loads(report.read_text())["results"]
-    assert set(results) == {"kv_cache", "diffusion_batch_mul", "latent_cache", "bf16_autocast", "autocast_region"}
+    assert set(results) == {"kv_cache", "diffusion_batch_mul", "latent_cache", "bf16_autocast", "autocast_region",
+                            "activation_checkpointing"}
+    assert results["activation_checkpointing"]["memory_ratio"] > 1  # checkpointing keeps fewer activations
     assert all(v > 0 for r in results.values() for k, v in r.items() if k.endswith("_s"))
 
 
@@ -179,3 +181,18 @@ def test_resume_last_continues_the_previous_run(demo_run):
     state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 10
     assert not (resumed / "checkpoints" / "step0000004.ckpt").exists()  # steps 1-8 were not trained again
+
+
+def test_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path, capsys):
+    """`make gpu-check`'s whole path (rehearsal tree → masked_base through the pipeline →
+    KV-cache generation → report) with tiny shapes on the CPU; without --smoke and without a
+    GPU it refuses clearly."""
+    from experiments import gpu_check
+
+    if not torch.cuda.is_available():
+        assert gpu_check.main(["--root", str(tmp_path / "refused")]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert gpu_check.main(["--smoke", "--root", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["steps_timed"] == 3 and report["step_s"] > 0 and report["generation"]["finite"]
+    assert report["generation"]["samples"] == 16000  # 1 s at 16 kHz through the HiFi-GAN directory

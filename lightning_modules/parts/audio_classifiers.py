@@ -375,7 +375,8 @@ class ClapEmbedder(nn.Module):
 
         target = int(self.processor.feature_extractor.sampling_rate)
         audio = [resample(w, sample_rate, target) for w in wave.detach().cpu().numpy().astype(np.float32)]
-        inputs = self.processor(audio=audio, sampling_rate=target, return_tensors="pt")
+        # the feature extractor itself: ClapProcessor's keyword is `audios` in transformers 4, `audio` in 5
+        inputs = self.processor.feature_extractor(audio, sampling_rate=target, return_tensors="pt")
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_features", "is_longer")}
         return self._features(self.model.get_audio_features(**inputs)).cpu()

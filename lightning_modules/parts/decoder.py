@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -260,6 +261,9 @@ class CausalDecoder(nn.Module):
         self.target_pos = nn.Embedding(max_tokens + 1, width) if target_embedding != "none" else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, dropout) for _ in range(depth)])
+        # Training only: recompute each block's activations in the backward pass instead of
+        # keeping them (memory for compute; see `make bench`). Generation is unaffected.
+        self.activation_checkpointing = False
         self.ln_f = nn.LayerNorm(width)
         self.rope = RotaryEmbedding(width // heads) if rope else None
 
@@ -352,8 +356,12 @@ class CausalDecoder(nn.Module):
         attn_mask = self.attention_mask(key_valid)  # (B, 1, S, S)
         times = torch.cat([torch.arange(L + 1, device=device).expand(B, L + 1), L + 1 + position_ids], dim=1)  # (B, S)
         rope = self._rope(times)  # (B, 1, S, hd) each, or None
+        checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, attn_mask, rope)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, rope, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, rope)
         return self._output(x[:, L:], target_ids)  # (B, M + 1, W)
 
     @staticmethod
