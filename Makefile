@@ -25,7 +25,7 @@ OUT ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train cache generate eval evaluator ablate bench gpu-check rehearsal test test-min test-full tensorboard notebook corpus manifest clean-venv
+.PHONY: help setup check train cache generate eval evaluator ablate bench gpu-check rehearsal test test-min test-rehearsal test-full tensorboard notebook corpus manifest clean-venv
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Create/refresh the virtual environment (.venv) — other targets do this themselves
+
+check: $(STAMP) ## Preflight: everything EXP needs on disk, all at once, with the commands that fix it: make check EXP=masked_base
+	$(PY) -m experiments.preflight $(EXP) $(ARGS)
 
 train: $(STAMP) ## Train an experiment: make train [EXP=demo] [ARGS="key=value ..."]
 	$(PY) -m experiments.train $(EXP) $(ARGS)
@@ -83,6 +86,9 @@ test-min: ## Fast tests in .venv-min with every dependency at its setup.cfg lowe
 	.venv-min/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	.venv-min/bin/python -m pip install -q --disable-pip-version-check -c .ci/min-versions.txt -e ".[dev]"
 	.venv-min/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
+test-rehearsal: $(STAMP) ## The paper recipe end to end on a generated AudioCaps-shaped tree (slow, ~2 min; CI runs it)
+	$(PY) -m pytest -q -m slow tests/test_preflight.py $(PYTEST_ARGS)
 
 test-full: $(STAMP) ## All tests, including slow end-to-end ones
 	$(PY) -m pytest -q $(PYTEST_ARGS)

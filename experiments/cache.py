@@ -13,6 +13,9 @@ from experiments.config import config_from_argv
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
+    from experiments.preflight import preflight_or_exit
+
+    preflight_or_exit(cfg, "cache")
     from experiments import pipeline
 
     pipeline.set_threads(cfg)

@@ -675,6 +675,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from experiments.preflight import report, run_preflight
+
+    problems = run_preflight(cfg, "eval")
+    if problems:
+        print(report(cfg, "eval", problems), file=sys.stderr)
+        return 2
     sample_overrides = [o for o in overrides if o.startswith("sample.")]
     start = time.perf_counter()
     try:

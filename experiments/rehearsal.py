@@ -8,11 +8,17 @@ Layout written under ``root`` (what the paper configs point at, relative to the 
 
     data/audiocaps/csv/{train,val,test}.csv   AudioCaps columns audiocap_id,youtube_id,start_time,caption
                                               (1 caption per train clip, 5 per val/test clip)
-    data/audiocaps/audio/<youtube_id>_<start_time>.wav   16 kHz mono clips (synthetic-corpus sounds)
+    data/audiocaps/audio/<youtube_id>_<start_time>.{wav,flac}   synthetic-corpus sounds as users'
+                                              downloads come: 44.1 kHz stereo, 16/22.05/32 kHz mono,
+                                              plus a few bad files (corrupt, silent, too short,
+                                              one clip never downloaded) the manifest builder reports
     data/audiocaps/manifest.jsonl             built by datamodules.audiocaps.build_audiocaps_manifest
     pretrained/audioldm/{model_index.json, vae/, vocoder/}   diffusers AutoencoderKL + transformers SpeechT5HifiGan
-    pretrained/flan-t5-large/                 transformers T5EncoderModel + T5Tokenizer files
-    pretrained/clap-htsat-unfused/            transformers ClapModel + tokenizer files
+    pretrained/flan-t5-large/                 transformers T5EncoderModel + T5Tokenizer (spiece.model)
+    pretrained/clap-htsat-unfused/            transformers ClapModel + ClapProcessor (Roberta BPE tokenizer,
+                                              preprocessor_config.json)
+    pretrained/eval/vggish-10086976.pth       torchvggish's state dict (FAD)
+    pretrained/eval/Cnn14_16k_mAP=0.438.pth   PANNs' {"model": ...} checkpoint with torchlibrosa's front-end keys
 
 The weights are random and tiny (the recipe's *shapes* come from the config: the VAE
 always makes 8 × 16 = 128 values per token at 25 tokens/s); the audio comes from the
@@ -32,17 +38,21 @@ import numpy as np
 
 AUDIOCAPS_SPLIT_CAPTIONS = {"train": 1, "val": 5, "test": 5}
 SAMPLE_RATE = 16000
+# (sample rate, channels, format) cycled over the clips: downloads come in every shape
+AUDIO_FORMATS = [(44100, 2, "wav"), (16000, 1, "wav"), (22050, 1, "flac"), (32000, 2, "wav")]
+BAD_CLIPS = ("corrupt", "silent", "too_short", "not_downloaded")  # appended to the train split
 
 
 def write_audiocaps_like(
-    root: str | Path, clips: dict[str, int], seconds: float = 10.0, seed: int = 0
+    root: str | Path, clips: dict[str, int], seconds: float = 10.0, seed: int = 0, with_bad_files: bool = True
 ) -> Path:
     """AudioCaps CSVs + wavs + the manifest built from them by the real builder.
 
     Args:
         root: ``<root>/data/audiocaps/`` is written.
-        clips: clips per split, e.g. ``{"train": 64, "val": 8, "test": 8}``.
+        clips: good clips per split, e.g. ``{"train": 64, "val": 8, "test": 8}``.
         seconds: clip length (AudioCaps: 10 s).
+        with_bad_files: also write :data:`BAD_CLIPS` into train (the builder leaves them out).
 
     Returns:
         the manifest path.
@@ -59,11 +69,23 @@ def write_audiocaps_like(
     audiocap_id = 0
     for split, count in clips.items():
         rows = []
-        for k in range(count):
+        bad = BAD_CLIPS if split == "train" and with_bad_files else ()
+        for k in range(count + len(bad)):
             youtube_id, start = f"{split[:2]}{k:05d}xYz", str(30 * (k % 3))
             labels = sample_labels("train", 0.5, rng)
-            wave = synthesize_clip(labels, seconds, SAMPLE_RATE, rng)
-            sf.write(base / "audio" / f"{youtube_id}_{start}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
+            rate, channels, fmt = AUDIO_FORMATS[k % len(AUDIO_FORMATS)]
+            wave = synthesize_clip(labels, seconds, rate, rng)
+            kind = bad[k - count] if k >= count else None
+            path = base / "audio" / f"{youtube_id}_{start}.{fmt}"
+            if kind == "corrupt":
+                path.write_bytes(b"RIFF\x00\x00garbage, not audio")
+            elif kind != "not_downloaded":
+                if kind == "silent":
+                    wave = np.zeros_like(wave)
+                elif kind == "too_short":
+                    wave = wave[: rate // 4]
+                data = np.stack([wave, 0.8 * wave], axis=1) if channels == 2 else wave
+                sf.write(path, data, rate, format=fmt.upper(), subtype="PCM_16")
             for caption in make_captions(labels, AUDIOCAPS_SPLIT_CAPTIONS.get(split, 1), rng):
                 audiocap_id += 1
                 rows.append([audiocap_id, youtube_id, start, caption])
@@ -106,45 +128,84 @@ def write_tiny_audioldm(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def write_tiny_text_encoders(t5_dir: str | Path, clap_dir: str | Path, captions: Sequence[str], seed: int = 0) -> None:
-    """FLAN-T5 (T5EncoderModel) and CLAP (ClapModel) folders with a sentencepiece tokenizer
-    trained on ``captions`` (T5Tokenizer, saved beside both as the hub folders hold theirs)."""
+def write_tiny_t5(directory: str | Path, captions: Sequence[str], seed: int = 0) -> None:
+    """FLAN-T5's folder: T5EncoderModel + a T5Tokenizer (spiece.model) trained on ``captions``."""
     import tempfile
 
     import torch
-    from transformers import ClapConfig, ClapModel, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     from lightning_modules.parts.text_conditioning import train_sentencepiece
 
     with tempfile.TemporaryDirectory() as tmp:
-        sp_model = train_sentencepiece(list(captions), str(Path(tmp) / "spm"), 200)
-        tokenizer = T5Tokenizer(vocab_file=str(sp_model))
-        vocab = len(tokenizer)
+        tokenizer = T5Tokenizer(vocab_file=str(train_sentencepiece(list(captions), str(Path(tmp) / "spm"), 200)))
         torch.manual_seed(seed)
-        T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).save_pretrained(t5_dir)
-        tokenizer.save_pretrained(t5_dir)
-        text = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=37, max_position_embeddings=90, projection_dim=16)
-        audio = dict(hidden_size=16, depths=[1, 1], num_attention_heads=[1, 1], window_size=4,
-                     patch_embeds_hidden_size=16, projection_dim=16, spec_size=64, num_mel_bins=16,
-                     patch_stride=(4, 4), patch_size=4)
-        ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=16)).save_pretrained(clap_dir)
-        tokenizer.save_pretrained(clap_dir)
+        config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+        T5EncoderModel(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
 
 
-def write_rehearsal(root: str | Path, clips: dict[str, int] | None = None, seconds: float = 10.0, seed: int = 0) -> dict[str, str]:
-    """Everything the paper configs read, under ``root``; returns the paths by config key."""
+def write_tiny_clap(directory: str | Path, seed: int = 0) -> None:
+    """CLAP's folder as laion/clap-htsat-unfused holds it: ClapModel + ClapProcessor
+    (byte-level Roberta BPE tokenizer: vocab.json + merges.txt; preprocessor_config.json)."""
+    import torch
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+    from transformers.models.clap.configuration_clap import ClapAudioConfig, ClapTextConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    byte_chars = [chr(c) for c in range(33, 127)] + ["Ġ"]  # printable bytes and the space marker: byte-level BPE, no merges
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *byte_chars])}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = RobertaTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    processor = ClapProcessor(feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"), tokenizer=tokenizer)
+    text = ClapTextConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=16, max_position_embeddings=128, projection_dim=8)
+    audio = ClapAudioConfig(depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1], patch_embeds_hidden_size=8,
+                            hidden_size=64, projection_dim=8, window_size=8)
+    torch.manual_seed(seed)
+    ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8)).save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def write_tiny_eval_weights(directory: str | Path, seed: int = 0) -> dict[str, str]:
+    """VGGish and PANNs CNN14 weight files in the official layouts (full size: the loaders
+    check every key and shape), randomly initialised."""
+    import torch
+
+    from lightning_modules.parts import audio_classifiers as ac
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vggish, panns = directory / ac.VGGISH_FILE, directory / ac.PANNS_FILE
+    torch.save(ac.VGGish().state_dict(), vggish)
+    torch.save({"model": ac.panns_official_state_dict(ac.Cnn14())}, panns)
+    return {"eval.vggish_path": str(vggish), "eval.panns_path": str(panns)}
+
+
+def write_rehearsal(
+    root: str | Path, clips: dict[str, int] | None = None, seconds: float = 10.0, seed: int = 0, eval_weights: bool = False
+) -> dict[str, str]:
+    """Everything the paper configs read, under ``root``; returns the paths by config key.
+
+    ``eval_weights``: also the full-size VGGish and CNN14 files (≈600 MB of random weights;
+    only `make eval` reads them)."""
     root = Path(root)
     manifest = write_audiocaps_like(root, clips or {"train": 64, "val": 8, "test": 8}, seconds=seconds, seed=seed)
     pretrained = root / "pretrained"
     write_tiny_audioldm(pretrained / "audioldm", seed=seed)
-    write_tiny_text_encoders(pretrained / "flan-t5-large", pretrained / "clap-htsat-unfused", _captions_of(manifest), seed=seed)
+    write_tiny_t5(pretrained / "flan-t5-large", _captions_of(manifest), seed=seed)
+    write_tiny_clap(pretrained / "clap-htsat-unfused", seed=seed)
     return {
         "data.manifests": str(manifest),
         "vae.pretrained_dir": str(pretrained / "audioldm"),
         "vocoder.pretrained_dir": str(pretrained / "audioldm"),
         "text.t5_dir": str(pretrained / "flan-t5-large"),
         "text.clap_dir": str(pretrained / "clap-htsat-unfused"),
+        "eval.clap_dir": str(pretrained / "clap-htsat-unfused"),
+        **(write_tiny_eval_weights(pretrained / "eval", seed=seed) if eval_weights else {}),
     }
 
 
@@ -157,6 +218,8 @@ def rehearsal_overrides(root: str | Path, paths: dict[str, str]) -> list[str]:
         f"vocoder.pretrained_dir={paths['vocoder.pretrained_dir']}",
         f"text.t5_dir={paths['text.t5_dir']}",
         f"text.clap_dir={paths['text.clap_dir']}",
+        f"eval.clap_dir={paths['eval.clap_dir']}",
+        *[f"{key}={paths[key]}" for key in ("eval.vggish_path", "eval.panns_path") if key in paths],
         f"run.root={root / 'runs'}",
         f"run.data_root={root / 'data'}",
     ]
@@ -168,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=64, help="training clips (default 64)")
     parser.add_argument("--eval", type=int, default=8, help="val and test clips each (default 8)")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10, as AudioCaps)")
+    parser.add_argument("--eval-weights", action="store_true", help="also random VGGish + CNN14 files (≈600 MB) for make eval")
     args = parser.parse_args(argv)
-    paths = write_rehearsal(args.root, {"train": args.train, "val": args.eval, "test": args.eval}, seconds=args.seconds)
+    paths = write_rehearsal(args.root, {"train": args.train, "val": args.eval, "test": args.eval}, seconds=args.seconds,
+                            eval_weights=args.eval_weights)
     overrides = " ".join(f"'{o}'" if " " in o else o for o in rehearsal_overrides(args.root, paths))
     print(f"rehearsal tree written to {args.root}\n  make train EXP=masked_base ARGS=\"{overrides}\"")
     return 0

@@ -20,6 +20,9 @@ from experiments.config import config_from_argv
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
+    from experiments.preflight import preflight_or_exit
+
+    preflight_or_exit(cfg, "train")  # everything missing, listed at once, before any work
 
     from experiments import pipeline  # heavy imports after the config is known to be valid
 

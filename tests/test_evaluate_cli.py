@@ -190,9 +190,11 @@ def test_missing_audioset_weights_fail_before_generation(tmp_path, stub_lm, caps
     args = ["demo", "--ckpt", str(stub_lm.ckpt), *_overrides(
         tmp_path, "data.source=manifest", f"data.manifests=[{{path: {manifest}}}]", f"eval.panns_path={tmp_path}/missing.pth",
     )]
-    assert ev.main(args) == 1
+    assert ev.main(args) == 2  # the preflight: every missing weight listed at once, nothing generated
     err = capsys.readouterr().err
     assert "vggish-10086976.pth" in err and "eval.vggish_path" in err
+    assert f"{tmp_path}/missing.pth does not exist" in err and "eval.panns_path" in err and "eval.clap_dir" in err
+    assert "Traceback" not in err
     assert not stub_lm.calls
 
 
