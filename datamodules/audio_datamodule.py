@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.audio_io import load_audio, probe_audio
+from datamodules.audio_io import WAVE_NORMALIZATIONS, audioldm_normalize, load_audio, probe_audio
 from datamodules.manifest import (
     ManifestEntry,
     ManifestSource,
@@ -58,10 +58,15 @@ class ClipDataset(Dataset):
     offset is uniform over the file and the caption is drawn at random, both from
     `np.random.default_rng(item_seed)`. Eval mode: keys are plain indices; the crop starts
     at 0 and the first caption is used. Clips shorter than `clip_samples` are zero-padded
-    and their mask marks the padding.
+    and their mask marks the padding. `normalize="audioldm"`: AudioLDM's mean removal and
+    peak-0.5 scaling of the cropped clip before padding (`audio_io.audioldm_normalize`).
     """
 
-    def __init__(self, clips: Sequence[ResolvedClip], sample_rate: int, clip_samples: int, train: bool):
+    def __init__(self, clips: Sequence[ResolvedClip], sample_rate: int, clip_samples: int, train: bool,
+                 normalize: str = "none"):
+        if normalize not in WAVE_NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {WAVE_NORMALIZATIONS}, got {normalize!r}")
+        self.normalize = normalize
         self.clips = list(clips)
         self.sample_rate = int(sample_rate)
         self.clip_samples = int(clip_samples)
@@ -91,6 +96,8 @@ class ClipDataset(Dataset):
             offset_seconds=offset / self.sample_rate,
             max_seconds=self.clip_samples / self.sample_rate,
         )[: self.clip_samples]  # (<= S,)
+        if self.normalize == "audioldm":
+            wave = audioldm_normalize(wave)
         length = wave.shape[0]
         padded = np.zeros(self.clip_samples, dtype=np.float32)  # (S,)
         padded[:length] = wave
@@ -254,6 +261,7 @@ class AudioCapsDataModule(L.LightningDataModule):
         samples_per_epoch: training draws per epoch when mixing manifests (default: the
             number of training clips).
         drop_last: drop the last incomplete training batch.
+        normalize: "none" | "audioldm" (AudioLDM's mean removal + peak 0.5 per clip, see ClipDataset).
     """
 
     def __init__(
@@ -270,6 +278,7 @@ class AudioCapsDataModule(L.LightningDataModule):
         predict_split: str | None = None,
         samples_per_epoch: int | None = None,
         drop_last: bool = True,
+        normalize: str = "none",
     ):
         super().__init__()
         if sample_rate <= 0 or clip_seconds <= 0 or batch_size <= 0 or num_workers < 0:
@@ -290,6 +299,7 @@ class AudioCapsDataModule(L.LightningDataModule):
         self.predict_split = predict_split or test_split
         self.samples_per_epoch = samples_per_epoch
         self.drop_last = drop_last
+        self.normalize = normalize
         self._entries: list[list[ManifestEntry]] | None = None
         self._clips_by_split: dict[str, list[ResolvedClip]] = {}
 
@@ -350,7 +360,7 @@ class AudioCapsDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- dataloaders
 
     def _eval_loader(self, clips: list[ResolvedClip]) -> DataLoader:
-        dataset = ClipDataset(clips, self.sample_rate, self.clip_samples, train=False)
+        dataset = ClipDataset(clips, self.sample_rate, self.clip_samples, train=False, normalize=self.normalize)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -376,7 +386,7 @@ class AudioCapsDataModule(L.LightningDataModule):
             num_samples=self.samples_per_epoch,
             shard=train_shard_of(self.trainer, self.batch_size),
         )
-        dataset = ClipDataset(clips, self.sample_rate, self.clip_samples, train=True)
+        dataset = ClipDataset(clips, self.sample_rate, self.clip_samples, train=True, normalize=self.normalize)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -161,3 +161,16 @@ def check_audio_file(
     if level < silence_peak_db:
         return "silent", f"peak {level:.1f} dBFS < {silence_peak_db:.1f} dBFS", duration, sample_rate
     return None, "", duration, sample_rate
+
+
+WAVE_NORMALIZATIONS = ("none", "audioldm")
+
+
+def audioldm_normalize(wave: np.ndarray, peak: float = 0.5) -> np.ndarray:
+    """AudioLDM's waveform preprocessing before its STFT (``read_wav_file`` /
+    ``normalize_wav`` in the AudioLDM code): remove the mean, scale the peak to ``peak``
+    (0.5). ``wave``: (S,) float — the clip's real samples (padding is added afterwards, as
+    AudioLDM pads after normalising). A silent clip stays silent."""
+    wave = wave.astype(np.float32) - np.float32(wave.mean()) if wave.size else wave.astype(np.float32)
+    top = float(np.max(np.abs(wave))) if wave.size else 0.0
+    return wave * np.float32(peak / (top + 1e-8))

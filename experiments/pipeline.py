@@ -92,6 +92,7 @@ def audio_datamodule(
         train_split=data.train_split,
         val_split=data.val_split,
         test_split=data.test_split,
+        normalize=data.normalize,
     )
 
 
@@ -334,6 +335,8 @@ def cache_fingerprint(cfg: DictConfig, pretransform: MelVAEPretransform, sources
         "manifests": [str(Path(s.path).resolve()) for s in sources],
         "sample_rate": cfg.data.sample_rate,
         "clip_seconds": cfg.data.clip_seconds,
+        # only when set, so caches built before the option existed keep their fingerprint
+        **({"normalize": cfg.data.normalize} if cfg.data.normalize != "none" else {}),
     }
 
 

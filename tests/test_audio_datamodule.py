@@ -217,3 +217,32 @@ def test_sharded_sampler_refuses_an_epoch_shorter_than_one_step():
         SeededClipSampler([10], [1.0], seed=0, shard=TrainShard(4, 0, 2, 2))
     with pytest.raises(ValueError, match="invalid training shard"):
         TrainShard(2, 2, 1, 1)
+
+
+def _audioldm_reference(waveform: np.ndarray, segment_length: int) -> np.ndarray:
+    """AudioLDM's read_wav_file after resampling, channel 0 given (audioldm/audio/tools.py):
+    normalize_wav, pad_wav, then peak-normalise to 0.5 again."""
+    waveform = waveform - np.mean(waveform)
+    waveform = waveform / (np.max(np.abs(waveform)) + 1e-8) * 0.5
+    padded = np.zeros(segment_length)
+    padded[: len(waveform)] = waveform[:segment_length]
+    padded = padded / np.max(np.abs(padded))
+    return 0.5 * padded
+
+
+def test_audioldm_normalisation_equals_its_preprocessing(data_dir):
+    from datamodules.audio_io import audioldm_normalize
+
+    rng = np.random.default_rng(0)
+    wave = (0.3 * np.sin(np.arange(12000) / 7.0) + 0.1 + 0.05 * rng.standard_normal(12000)).astype(np.float32)
+    ours = np.zeros(16000, np.float32)
+    ours[:12000] = audioldm_normalize(wave)
+    assert abs(ours - _audioldm_reference(wave.astype(np.float64), 16000)).max() < 1e-6
+    assert np.array_equal(audioldm_normalize(np.zeros(100, np.float32)), np.zeros(100, np.float32))  # silence stays silent
+    # through the datamodule: every clip's real samples have mean 0 and peak 0.5, padding stays 0
+    batch = next(iter(_datamodule(data_dir, normalize="audioldm").val_dataloader()))
+    for wave_row, mask in zip(batch["wave"].numpy(), batch["wave_mask"].numpy()):
+        assert abs(np.abs(wave_row[mask]).max() - 0.5) < 1e-6 and abs(wave_row[mask].mean()) < 1e-6
+        assert not wave_row[~mask].any()
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        _datamodule(data_dir, normalize="loud").val_dataloader()
