@@ -37,6 +37,8 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@# the reference evaluation code the parity tests compare with; --no-deps: it declares torchaudio
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps audioldm_eval==0.0.3
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Create/refresh the virtual environment (.venv) — other targets do this themselves
@@ -85,6 +87,7 @@ test-min: ## Fast tests in .venv-min with every dependency at its setup.cfg lowe
 	@test -x .venv-min/bin/python || $(PYTHON_BOOTSTRAP) -m venv .venv-min
 	.venv-min/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	.venv-min/bin/python -m pip install -q --disable-pip-version-check -c .ci/min-versions.txt -e ".[dev]"
+	.venv-min/bin/python -m pip install -q --disable-pip-version-check --no-deps audioldm_eval==0.0.3
 	.venv-min/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 test-rehearsal: $(STAMP) ## The paper recipe end to end on a generated AudioCaps-shaped tree (slow, ~2 min; CI runs it)
