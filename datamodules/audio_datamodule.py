@@ -112,6 +112,7 @@ class ClipDataset(Dataset):
             "all_captions": list(captions),
             "id": clip.entry.id,
             "labels": dict(clip.entry.labels),
+            "source": clip.source_index,
         }
 
 
@@ -124,6 +125,7 @@ def collate_clips(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "all_captions": [item["all_captions"] for item in items],
         "ids": [item["id"] for item in items],
         "labels": [item["labels"] for item in items],
+        "sources": [item["source"] for item in items],  # index of each clip's manifest in the mixture
     }
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from datamodules.audiocaps import DEFAULT_AUDIOCAPS_PATTERNS, build_audiocaps_manifest
 from datamodules.manifest import BuildReport, NoUsableClipsError, report_path_for
-from datamodules.wavcaps import DEFAULT_WAVCAPS_PATTERNS, build_wavcaps_manifest
+from datamodules.wavcaps import DEFAULT_WAVCAPS_PATTERNS, audiocaps_youtube_ids, build_wavcaps_manifest
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser, default_patterns: Sequence[str]) -> None:
@@ -52,6 +52,11 @@ def make_parser() -> argparse.ArgumentParser:
     wavcaps.add_argument("--json", required=True, help="the subset's JSON file ({\"data\": [...]})")
     wavcaps.add_argument("--split", default="train", help="split given to every clip (default train)")
     wavcaps.add_argument("--id-prefix", default=None, help="prefix for manifest ids (default wavcaps_<json stem>_)")
+    wavcaps.add_argument(
+        "--exclude-audiocaps-csv", action="append", default=[], metavar="CSV",
+        help="leave out clips whose YouTube id is in this AudioCaps CSV (repeatable; use test.csv and val.csv "
+        "for AudioSet_SL: WavCaps holds AudioCaps evaluation clips)",
+    )
     _add_common_arguments(wavcaps, DEFAULT_WAVCAPS_PATTERNS)
     return parser
 
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = build_wavcaps_manifest(
                 args.json, args.audio_dir, args.out,
                 patterns=args.patterns or DEFAULT_WAVCAPS_PATTERNS, split=args.split, id_prefix=args.id_prefix,
-                **common,
+                exclude_youtube_ids=audiocaps_youtube_ids(args.exclude_audiocaps_csv), **common,
             )
     except (FileNotFoundError, ValueError) as error:  # ManifestError is a ValueError
         print(f"error: {error}", file=sys.stderr)

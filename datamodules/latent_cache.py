@@ -7,7 +7,8 @@ writer (``experiments/`` owns that loop). Layout of ``cache_dir``::
                       finished shards with their clip ids, ``complete`` flag
     shard_00000.pt    torch.save dict of lists, one entry per clip:
                         ids [str], mean [(N_i, D)], std [(N_i, D)] (dtype float16|float32),
-                        captions [[str]], labels [any JSON-like], split [str]
+                        captions [[str]], labels [any JSON-like], split [str],
+                        source [int] (which manifest of the mixture; absent in older caches: 0)
                       N_i = valid tokens of the clip (padding is never stored)
     stats.json        per-token-dim mean/std ``(D,)`` over the valid tokens of the
                       ``stats_split`` (train) clips only, written by ``finalize()``
@@ -166,7 +167,7 @@ class LatentCacheWriter:
 
     def add(
         self, clip_id: str, mean: torch.Tensor, std: torch.Tensor, token_mask: torch.Tensor | None, captions: Sequence[str],
-        labels: Any = None, split: str = "train",
+        labels: Any = None, split: str = "train", source: int = 0,
     ) -> None:
         """Buffer one clip; writes a shard when ``shard_size`` clips are buffered.
 
@@ -175,6 +176,7 @@ class LatentCacheWriter:
             token_mask: ``(N,)`` bool, valid tokens first then padding (None: all valid).
                 Only the valid prefix is stored.
             captions: one or more captions; labels: JSON-like (list of str, dict, None).
+            source: index of the clip's manifest in the training mixture (its sampling weight).
         """
         clip_id = str(clip_id)
         if clip_id in self._finished_ids or any(record["id"] == clip_id for record in self._buffer):
@@ -199,7 +201,7 @@ class LatentCacheWriter:
         dtype = _DTYPES[self.dtype]
         self._buffer.append(dict(
             id=clip_id, mean=mean[:length].detach().to("cpu", dtype).clone(), std=std[:length].detach().to("cpu", dtype).clone(),
-            captions=[str(c) for c in captions], labels=_json_roundtrip(labels), split=str(split),
+            captions=[str(c) for c in captions], labels=_json_roundtrip(labels), split=str(split), source=int(source),
         ))
         self.index["complete"] = False
         if len(self._buffer) >= self.shard_size:
@@ -210,7 +212,7 @@ class LatentCacheWriter:
         if not self._buffer:
             return
         name = f"shard_{len(self.index['shards']):05d}.pt"
-        _torch_save_atomic(self.cache_dir / name, {key: [record[key] for record in self._buffer] for key in ("id", "mean", "std", "captions", "labels", "split")})
+        _torch_save_atomic(self.cache_dir / name, {key: [record[key] for record in self._buffer] for key in ("id", "mean", "std", "captions", "labels", "split", "source")})
         ids = [record["id"] for record in self._buffer]
         splits: dict[str, int] = {}
         for record in self._buffer:
@@ -327,6 +329,7 @@ class LatentCache:
                 for i, clip_id in enumerate(data["id"]):
                     record = {key: data[key][i] for key in ("mean", "std", "captions", "labels", "split")}
                     record["id"] = clip_id
+                    record["source"] = int(data["source"][i]) if "source" in data else 0
                     grouped.setdefault(record["split"], []).append(record)
             self._records = grouped
         if split not in self._records:
@@ -360,7 +363,11 @@ class LatentDataset(Dataset):
     def __init__(self, cache: LatentCache, split: str, sample_posterior: bool = True, seed: int = 0, max_tokens: int | None = None, train: bool | None = None) -> None:
         self.cache = cache
         self.split = split
-        self.records = cache.records(split)
+        # grouped by manifest (stable): a weighted sampler's clip k of source s is then
+        # record sum(counts[:s]) + k
+        self.records = sorted(cache.records(split), key=lambda r: r["source"])
+        self.source_counts = [sum(1 for r in self.records if r["source"] == s)
+                              for s in range(max((r["source"] for r in self.records), default=0) + 1)]
         self.sample_posterior = sample_posterior
         self.seed = seed
         self.max_tokens = max_tokens
@@ -430,14 +437,18 @@ class LatentDataModule(L.LightningDataModule):
         max_tokens: crop/pad length (256 = 10.24 s at 25 tokens/s).
         expected_fingerprint: refuse a cache built with another VAE/config.
         sample_posterior: re-sample train tokens from the posterior (eval always uses the mean).
+        source_weights: sampling weight of each manifest of the mixture (``data.manifests``
+            weights); with several, training draws clips with replacement so that each
+            manifest's share follows its weight, as the audio datamodule does.
     """
 
     def __init__(
         self, cache_dir: str | Path, batch_size: int = 32, num_workers: int = 0, max_tokens: int | None = 256, seed: int = 0,
         splits: dict[str, str] | None = None, expected_fingerprint: dict | str | None = None, sample_posterior: bool = True,
-        drop_last: bool = True,
+        drop_last: bool = True, source_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        self.source_weights = list(source_weights) if source_weights else None
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -482,10 +493,15 @@ class LatentDataModule(L.LightningDataModule):
         # reads its shard of every optimizer step (SeededClipSampler); validation is not
         # sharded: every rank scores the whole (small) split, so val numbers do not depend on
         # the number of devices.
-        sampler = (
-            SeededClipSampler([len(dataset)], [1.0], seed=self.seed, shard=train_shard_of(self.trainer, self.batch_size))
-            if is_train else None
-        )
+        sampler = None
+        if is_train:
+            counts, weights = [len(dataset)], [1.0]
+            if self.source_weights and len(self.source_weights) > 1:
+                counts = dataset.source_counts + [0] * (len(self.source_weights) - len(dataset.source_counts))
+                used = [k for k, n in enumerate(counts) if n > 0]
+                counts, weights = [counts[k] for k in used], [self.source_weights[k] for k in used]
+            sampler = SeededClipSampler(counts, weights, seed=self.seed, num_samples=len(dataset),
+                                        shard=train_shard_of(self.trainer, self.batch_size))
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=is_train and self.drop_last,
             num_workers=self.num_workers, collate_fn=collate_latents, persistent_workers=self.num_workers > 0,

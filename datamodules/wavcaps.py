@@ -80,6 +80,23 @@ def read_wavcaps_json(json_path: str | os.PathLike) -> tuple[list[dict[str, Any]
     return entries, bad_rows
 
 
+def youtube_id_of(wavcaps_id: str) -> str:
+    """The YouTube id inside an AudioSet_SL id: ``"Y---1_cCGK4M.wav"`` -> ``"---1_cCGK4M"``."""
+    stem = _stem_of(wavcaps_id)
+    return stem[1:] if stem.startswith("Y") and len(stem) == 12 else stem
+
+
+def audiocaps_youtube_ids(csv_paths: Sequence[str | os.PathLike]) -> set[str]:
+    """The YouTube ids of the clips in AudioCaps CSVs (e.g. ``test.csv``, ``val.csv``)."""
+    from datamodules.audiocaps import read_audiocaps_csv
+
+    ids: set[str] = set()
+    for path in csv_paths:
+        clips, _ = read_audiocaps_csv(path, Path(path).stem)
+        ids.update(clip.youtube_id for clip in clips)
+    return ids
+
+
 def build_wavcaps_manifest(
     json_path: str | os.PathLike,
     audio_dir: str | os.PathLike,
@@ -88,6 +105,7 @@ def build_wavcaps_manifest(
     patterns: Sequence[str] = DEFAULT_WAVCAPS_PATTERNS,
     split: str = "train",
     id_prefix: str | None = None,
+    exclude_youtube_ids: Sequence[str] | set[str] = (),
     min_duration: float = 1.0,
     silence_peak_db: float = -60.0,
     progress: bool = False,
@@ -101,6 +119,9 @@ def build_wavcaps_manifest(
         patterns: file-name patterns (module docstring) tried in order.
         split: the split given to every clip (WavCaps is training data).
         id_prefix: prepended to each id; None -> "wavcaps_<json stem>_".
+        exclude_youtube_ids: clips to leave out by YouTube id — the AudioCaps test (and val)
+            clips, which WavCaps' AudioSet_SL subset also holds (the known leak; see
+            :func:`audiocaps_youtube_ids`). Each one left out is listed in the report's bad rows.
         min_duration, silence_peak_db: as in `build_audiocaps_manifest`.
     """
     json_path, audio_dir = Path(json_path), Path(audio_dir)
@@ -113,8 +134,12 @@ def build_wavcaps_manifest(
     subset = json_path.stem
     prefix = f"wavcaps_{subset}_" if id_prefix is None else id_prefix
     entries, bad_rows = read_wavcaps_json(json_path)
+    excluded = set(exclude_youtube_ids)
     candidates = []
     for item in entries:
+        if excluded and youtube_id_of(item["id"]) in excluded:
+            bad_rows.append({"where": str(item["id"]), "detail": "an AudioCaps evaluation clip (left out: test-set leak)"})
+            continue
         fields = {"id": item["id"], "stem": _stem_of(item["id"]), "subset": subset}
         original_path = item.get("audio") or item.get("wav_path")
         if isinstance(original_path, str) and original_path:
@@ -135,6 +160,7 @@ def build_wavcaps_manifest(
         "patterns": list(patterns),
         "split": split,
         "id_prefix": prefix,
+        "excluded_youtube_ids": len(excluded),
         "min_duration": min_duration,
         "silence_peak_db": silence_peak_db,
     }

@@ -372,7 +372,8 @@ def ensure_latent_cache(cfg: DictConfig, pretransform: MelVAEPretransform, sourc
         for batch in tqdm(loader, desc=f"[cache] {split}", unit="batch", mininterval=5):
             mean, std, token_mask = pretransform.encode_moments(batch["wave"], batch["wave_mask"])
             for i, clip_id in enumerate(batch["ids"]):
-                writer.add(clip_id, mean[i], std[i], token_mask[i], batch["all_captions"][i], batch["labels"][i], split)
+                writer.add(clip_id, mean[i], std[i], token_mask[i], batch["all_captions"][i], batch["labels"][i], split,
+                           source=batch["sources"][i])
             encoded += len(batch["ids"])
     writer.finalize()
     log("cache", f"encoded {encoded} clips ({resumed} already cached) into {cache_dir} in {time.perf_counter() - start:.0f} s")
@@ -567,6 +568,7 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
         seed=cfg.seed,
         splits={"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split},
         expected_fingerprint=fingerprint,
+        source_weights=[source.weight for source in sources],  # data.manifests weights reach LM training
     )
     system = build_audio_lm(cfg, cache, record["sp_model_path"], pretransform.fingerprint())
     if record.get("text_embeddings"):

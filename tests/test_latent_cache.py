@@ -222,3 +222,25 @@ def test_shards_are_memory_mapped_not_copied_into_each_process(tmp_path):
         grown[mmap] = int(out.stdout.split()[-1])
     assert grown["0"] > 0.8 * data_kib, grown  # a private copy
     assert grown["1"] < 0.25 * data_kib, grown  # mapped: stays in the shared page cache
+
+
+def test_manifest_weights_reach_lm_training_through_the_cache(tmp_path):
+    """The cache remembers each clip's manifest; training draws follow data.manifests weights
+    (3 clips weighted 3 vs 9 clips weighted 1 → a 75 % share), not the clip counts."""
+    from datamodules.latent_cache import LatentDataModule
+
+    g = torch.Generator().manual_seed(0)
+    writer = LatentCacheWriter(tmp_path, fingerprint=FINGERPRINT, shard_size=4, dtype="float32")
+    for k in range(12):
+        mean = torch.randn(6, 4, generator=g)
+        writer.add(f"c{k}", mean, mean.abs(), None, ["cap"], None, "train", source=0 if k % 4 == 0 else 1)
+    writer.finalize()
+    datamodule = LatentDataModule(tmp_path, batch_size=2, max_tokens=6, splits={"train": "train"},
+                                  source_weights=[3.0, 1.0])
+    loader = datamodule.train_dataloader()
+    dataset, sampler = loader.dataset, loader.sampler
+    assert dataset.source_counts == [3, 9] and len(sampler) == 12
+    draws = [dataset.records[index]["source"] for _ in range(500) for index, _ in sampler]
+    assert draws.count(0) / len(draws) == pytest.approx(0.75, abs=0.02)
+    unweighted = LatentDataModule(tmp_path, batch_size=2, max_tokens=6, splits={"train": "train"}).train_dataloader()
+    assert sorted(i for i, _ in unweighted.sampler) == list(range(12))  # one manifest: a permutation, as before

@@ -297,6 +297,29 @@ def test_wavcaps_builder(tmp_path):
     ) == 2
 
 
+def test_wavcaps_audioset_clips_of_audiocaps_test_are_left_out(tmp_path):
+    """The known leak: WavCaps' AudioSet_SL holds AudioCaps evaluation clips."""
+    from datamodules.wavcaps import youtube_id_of
+
+    assert youtube_id_of("Y---1_cCGK4M.wav") == "---1_cCGK4M" and youtube_id_of("1001") == "1001"
+    audio_dir = tmp_path / "as"
+    audio_dir.mkdir()
+    for name in ("Y---1_cCGK4M", "YkeepMe12345"):
+        sf.write(str(audio_dir / f"{name}.flac"), _tone(2.0), SR)
+    json_path = tmp_path / "AudioSet_SL.json"
+    json_path.write_text(json.dumps({"data": [{"id": "Y---1_cCGK4M.wav", "caption": "a dog"},
+                                              {"id": "YkeepMe12345.wav", "caption": "a car"}]}))
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    (csv_dir / "test.csv").write_text("audiocap_id,youtube_id,start_time,caption\n1,---1_cCGK4M,30,a dog barks\n")
+    out = tmp_path / "as.jsonl"
+    assert build_manifest_main(["wavcaps", "--json", str(json_path), "--audio-dir", str(audio_dir), "--out", str(out),
+                                "--exclude-audiocaps-csv", str(csv_dir / "test.csv"), "--no-progress"]) == 0
+    assert [e.id for e in read_manifest(out)] == ["wavcaps_AudioSet_SL_YkeepMe12345"]
+    report = json.loads((tmp_path / "as.report.json").read_text())
+    assert report["bad_rows"] == [{"where": "Y---1_cCGK4M.wav", "detail": "an AudioCaps evaluation clip (left out: test-set leak)"}]
+
+
 def test_datamodules_never_import_models_or_experiments():
     import re
 
