@@ -139,6 +139,7 @@ def build_audiocaps_manifest(
     silence_peak_db: float = -60.0,
     splits: Sequence[str] = ("train", "val", "test"),
     progress: bool = False,
+    workers: int = 0,
 ) -> BuildReport:
     """Build an AudioCaps manifest + report (see `build_manifest_from_candidates`).
 
@@ -196,4 +197,5 @@ def build_audiocaps_manifest(
         settings=settings,
         bad_rows=bad_rows,
         progress=progress,
+        workers=workers,
     )

@@ -10,6 +10,7 @@ The report is written beside the manifest as `<stem>.report.json`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -34,6 +35,11 @@ def _add_common_arguments(parser: argparse.ArgumentParser, default_patterns: Seq
         "--silence-peak-db", type=float, default=-60.0, help="clips with peak below this dBFS are silent (default -60)"
     )
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1),
+        help="processes decoding audio in parallel (default min(8, CPUs); 0: this process). Finished checks are "
+        "journaled in <out stem>.checks.jsonl, so an interrupted build resumes",
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -95,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.min_duration < 0:
         parser.error(f"--min-duration must be >= 0, got {args.min_duration}")
     common = dict(
-        min_duration=args.min_duration, silence_peak_db=args.silence_peak_db, progress=not args.no_progress
+        min_duration=args.min_duration, silence_peak_db=args.silence_peak_db, progress=not args.no_progress,
+        workers=args.workers
     )
     try:
         if args.dataset == "audiocaps":

@@ -365,6 +365,90 @@ class BuildReport:
         return lines
 
 
+def checks_path_for(manifest_path: str | os.PathLike) -> Path:
+    """The journal of finished audio checks beside a manifest: ``<stem>.checks.jsonl``."""
+    path = Path(manifest_path)
+    return path.with_name(f"{path.stem}.checks.jsonl")
+
+
+def _check_one(args: tuple[str, float, float]) -> tuple[str, tuple[str | None, str, float, int]]:
+    from datamodules.audio_io import check_audio_file  # local: keep manifest.py import-light
+
+    path, min_duration, silence_peak_db = args
+    return path, check_audio_file(path, min_duration=min_duration, silence_peak_db=silence_peak_db)
+
+
+def check_audio_files(
+    paths: Sequence[str | os.PathLike], *, min_duration: float, silence_peak_db: float, workers: int = 0,
+    progress: bool = False, journal: str | os.PathLike | None = None, desc: str = "checking clips",
+) -> dict[str, tuple[str | None, str, float, int]]:
+    """``check_audio_file`` of every distinct path: ``{path: (reason, detail, duration, sample_rate)}``.
+
+    Args:
+        workers: processes decoding in parallel (0: this process).
+        journal: a JSONL file each result is appended to as it finishes; results already
+            in it are reused when the file's size, modification time and the thresholds are
+            unchanged, so an interrupted check (WavCaps: 400k files) resumes. Delete it to
+            check everything again.
+    """
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    thresholds = [min_duration, silence_peak_db]
+    results: dict[str, tuple[str | None, str, float, int]] = {}
+
+    def stamp(path: str) -> list[int]:
+        try:
+            info = os.stat(path)
+            return [info.st_size, info.st_mtime_ns]
+        except OSError:
+            return [-1, -1]
+
+    if journal is not None and Path(journal).is_file():
+        for line in Path(journal).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interruption
+                continue
+            if row.get("path") in unique and row.get("stamp") == stamp(row["path"]) and row.get("thresholds") == thresholds:
+                results[row["path"]] = tuple(row["result"])  # type: ignore[assignment]
+    todo = [p for p in unique if p not in results]
+    if journal is not None and todo:
+        Path(journal).parent.mkdir(parents=True, exist_ok=True)
+    handle = open(journal, "a") if journal is not None and todo else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(unique), initial=len(unique) - len(todo), desc=desc, unit="clip", mininterval=2)
+    try:
+        jobs = [(p, min_duration, silence_peak_db) for p in todo]
+        if workers > 0 and len(todo) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                finished = pool.map(_check_one, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
+                for path, result in finished:
+                    _record(results, handle, bar, path, result, stamp(path), thresholds)
+        else:
+            for job in jobs:
+                path, result = _check_one(job)
+                _record(results, handle, bar, path, result, stamp(path), thresholds)
+    finally:
+        if handle is not None:
+            handle.close()
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _record(results, handle, bar, path, result, file_stamp, thresholds) -> None:
+    results[path] = result
+    if handle is not None:
+        handle.write(json.dumps({"path": path, "stamp": file_stamp, "thresholds": thresholds, "result": list(result)}) + "\n")
+        handle.flush()
+    if bar is not None:
+        bar.update(1)
+
+
 def report_path_for(manifest_path: str | os.PathLike) -> Path:
     """Where the build report of a manifest goes: `<manifest stem>.report.json` beside it."""
     manifest_path = Path(manifest_path)
@@ -381,8 +465,12 @@ def build_manifest_from_candidates(
     settings: dict[str, Any],
     bad_rows: Sequence[dict[str, str]] = (),
     progress: bool = False,
+    workers: int = 0,
 ) -> BuildReport:
     """Check every candidate's audio, then write the manifest and its report atomically.
+
+    The audio checks (:func:`check_audio_files`) run in ``workers`` processes and are
+    journaled beside the manifest, so an interrupted build resumes where it stopped.
 
     Each candidate ends either in the manifest or in `report.problems` with a reason:
     missing (no file matched), corrupt (does not decode), too_short, silent, or duplicate
@@ -393,19 +481,18 @@ def build_manifest_from_candidates(
     Raises:
         NoUsableClipsError: if no candidate is usable (the report is still written).
     """
-    from datamodules.audio_io import check_audio_file  # local: keep manifest.py import-light
-
     out_path = Path(out_path)
     report = BuildReport(source=source, manifest_path=str(out_path), settings=dict(settings))
     report.bad_rows = list(bad_rows)
     report.num_candidates = len(candidates)
     entries: list[ManifestEntry] = []
     seen_ids: set[str] = set()
+    checked = check_audio_files(
+        [c.audio_path for c in candidates if c.audio_path is not None], min_duration=min_duration,
+        silence_peak_db=silence_peak_db, workers=workers, progress=progress, journal=checks_path_for(out_path),
+        desc=f"checking {source} clips",
+    )
     iterator: Iterable[ClipCandidate] = candidates
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(candidates, desc=f"checking {source} clips", unit="clip")
     for candidate in iterator:
         path_text = str(candidate.audio_path) if candidate.audio_path is not None else None
         if candidate.id in seen_ids:
@@ -418,9 +505,7 @@ def build_manifest_from_candidates(
             detail = "no file found; tried " + ", ".join(candidate.tried_paths)
             report.problems.append(ClipProblem(candidate.id, candidate.split, "missing", detail, None))
             continue
-        reason, detail, duration, sample_rate = check_audio_file(
-            candidate.audio_path, min_duration=min_duration, silence_peak_db=silence_peak_db
-        )
+        reason, detail, duration, sample_rate = checked[str(candidate.audio_path)]
         if reason is not None:
             report.problems.append(ClipProblem(candidate.id, candidate.split, reason, detail, path_text))
             continue

@@ -109,6 +109,7 @@ def build_wavcaps_manifest(
     min_duration: float = 1.0,
     silence_peak_db: float = -60.0,
     progress: bool = False,
+    workers: int = 0,
 ) -> BuildReport:
     """Build a WavCaps-subset manifest + report (see `build_manifest_from_candidates`).
 
@@ -173,4 +174,5 @@ def build_wavcaps_manifest(
         settings=settings,
         bad_rows=bad_rows,
         progress=progress,
+        workers=workers,
     )

@@ -15,6 +15,7 @@ from datamodules.audio_io import AudioDecodeError, load_audio, probe_audio, save
 from datamodules.audiocaps import build_audiocaps_manifest
 from datamodules.build_manifest import main as build_manifest_main
 from datamodules.manifest import (
+    checks_path_for,
     ManifestEntry,
     ManifestError,
     ManifestSource,
@@ -228,7 +229,18 @@ def test_builder_leaves_no_partial_manifest_when_interrupted(audiocaps_dir, tmp_
         build_audiocaps_manifest(csv_dir, audio_dir, out)
     assert out.read_text() == "previous manifest\n"
     assert not report_path_for(out).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", "csv", "m.jsonl"]
+    # only the journal of finished checks is left, so the next build resumes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", "csv", "m.checks.jsonl", "m.jsonl"]
+    assert len(checks_path_for(out).read_text().splitlines()) == 1
+
+    calls.clear()
+    monkeypatch.setattr(audio_io, "check_audio_file", lambda *a, **k: (calls.append(a[0]), real_check(*a, **k))[1])
+    resumed = build_audiocaps_manifest(csv_dir, audio_dir, out)
+    first_checked = json.loads(checks_path_for(out).read_text().splitlines()[0])["path"]
+    assert first_checked not in map(str, calls) and len(calls) == len(set(map(str, calls)))  # nothing checked twice
+    fresh = build_audiocaps_manifest(csv_dir, audio_dir, tmp_path / "fresh" / "m.jsonl", workers=2)  # in 2 processes
+    assert [e.id for e in read_manifest(out)] == [e.id for e in read_manifest(tmp_path / "fresh" / "m.jsonl")]
+    assert resumed.num_usable == fresh.num_usable
 
 
 def test_audiocaps_builder_bad_inputs(audiocaps_dir, tmp_path):
