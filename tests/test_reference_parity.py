@@ -1,6 +1,6 @@
 """Parity with the reference evaluation code, audioldm_eval 0.0.3 (the AudioLDM protocol):
 its PANNs ``Cnn14`` network and its FD / KL / IS formulas, on the same random weights and
-embeddings. Nothing downloads: the reference network loads a weights file we write in the
+embeddings; and with torchvggish (the VGGish port the FAD packages load) for FAD. Nothing downloads: the reference network loads a weights file we write in the
 official layout, and the reference modules are imported without the package's
 ``__init__`` (which needs torchaudio, not installable beside the CPU torch here).
 
@@ -89,3 +89,20 @@ def test_fd_kl_is_formulas_equal_audioldm_evals(reference):
     metric.update(fake)
     mean, _ = metric.compute()
     assert float(mean) == pytest.approx(theirs_is["inception_score_mean"], rel=1e-9)
+
+
+def test_vggish_network_equals_torchvggish_on_the_same_weights(tmp_path):
+    """The network FAD uses (torchvggish's port, as the FAD packages load it) on our
+    official-layout weights file: same 128-d embeddings of the same log-mel patches."""
+    reference = pytest.importorskip("torchvggish.torchvggish")
+    torch.manual_seed(0)
+    torch.save(ac.VGGish().state_dict(), tmp_path / ac.VGGISH_FILE)
+    ours = ac.load_vggish(tmp_path / ac.VGGISH_FILE)
+    theirs = reference._vgg(postprocess=False).eval()  # vggish() minus the download
+    theirs.load_state_dict(torch.load(tmp_path / ac.VGGISH_FILE, weights_only=True))
+    wave = 0.1 * torch.randn(1, 16000 * 3, generator=torch.Generator().manual_seed(2))
+    patches = ours.front_end(wave).reshape(-1, 1, 96, 64)
+    with torch.no_grad():
+        a, b = ours(patches, activation=True), theirs(patches)
+    assert float(b.abs().max()) > 0
+    assert float((a - b).abs().max()) < 1e-6
