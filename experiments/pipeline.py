@@ -514,15 +514,20 @@ def ensure_text_embeddings(cfg: DictConfig, cache: LatentCache) -> str | None:
     """``text.kind: pretrained`` with ``text.precompute``: the frozen T5 + CLAP outputs of
     every caption in the cache, computed once into ``<cache dir>/text_<encoders>.pt``
     (reused when it exists). Returns its path, or None when nothing is precomputed."""
-    from lightning_modules.parts.text_conditioning import FrozenTextEmbeddings, build_text_conditioner
+    from lightning_modules.parts.text_conditioning import (
+        FrozenTextEmbeddings,
+        build_text_conditioner,
+        frozen_encoder_fingerprint,
+    )
 
     if cfg.text.kind != "pretrained" or not cfg.text.precompute:
         return None
-    conditioner = build_text_conditioner(cfg.text, out_dim=8).to(text_device(cfg))
-    path = cache.cache_dir / f"text_{conditioner.encoder_fingerprint()}.pt"
-    if path.is_file():
+    fingerprint = frozen_encoder_fingerprint(cfg.text.t5_dir, cfg.text.clap_dir, cfg.text.t5_max_tokens)
+    path = cache.cache_dir / f"text_{fingerprint}.pt"
+    if path.is_file():  # decided before the encoders are loaded
         log("text", f"frozen text embeddings ready at {path}")
         return str(path)
+    conditioner = build_text_conditioner(cfg.text, out_dim=8).to(text_device(cfg))
     captions = [c for split in cache.splits for c in cache_captions(cache, split)]
     start = time.perf_counter()
     FrozenTextEmbeddings.write(path, conditioner, captions, batch_size=cfg.cache.batch_size,

@@ -356,24 +356,9 @@ def test_clap_loader_errors(tmp_path):
 
 def _tiny_clap_dir(directory):
     """A randomly initialised, tiny transformers CLAP model + processor saved like a real one."""
-    import json
+    from experiments.rehearsal import write_tiny_clap
 
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
-    from transformers.models.clap.configuration_clap import ClapAudioConfig, ClapTextConfig
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", "a", "d", "o", "g", "Ġa", "Ġd"])}
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = RobertaTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
-    processor = ClapProcessor(feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"), tokenizer=tokenizer)
-    text = ClapTextConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=16, max_position_embeddings=64, projection_dim=8)
-    audio = ClapAudioConfig(depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1], patch_embeds_hidden_size=8,
-                            hidden_size=64, projection_dim=8, window_size=8)
-    torch.manual_seed(0)
-    ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8)).save_pretrained(directory)
-    processor.save_pretrained(directory)
+    write_tiny_clap(directory)
     return directory
 
 

@@ -206,6 +206,20 @@ def _load_local(model_cls, path: str, what: str):
     return tok, model
 
 
+def frozen_encoder_fingerprint(t5_dir: str, clap_dir: str, t5_max_len: int) -> str:
+    """Identifies frozen T5 + CLAP encoders by their configs, weight-file sizes and the T5
+    length, read from the directories (the models are not loaded)."""
+    parts: list = [t5_max_len]
+    for directory in (t5_dir, clap_dir):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if name == "config.json":
+                parts.append(json.loads(Path(path).read_text()))
+            elif name.endswith((".safetensors", ".bin")):
+                parts.append([name, os.path.getsize(path)])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class FrozenTextEmbeddings:
     """Frozen FLAN-T5 + CLAP outputs of a fixed set of captions, computed once and
     memory-mapped from one file (shared by every rank and worker through the page cache).
@@ -328,16 +342,8 @@ class PretrainedT5ClapConditioner(TextConditioner):
         self._dirs = (t5_dir, clap_dir)
 
     def encoder_fingerprint(self) -> str:
-        """Identifies the frozen encoders (configs and weight files) and the T5 length."""
-        parts: list = [self.t5_max_len]
-        for directory in self._dirs:
-            for name in sorted(os.listdir(directory)):
-                path = os.path.join(directory, name)
-                if name == "config.json":
-                    parts.append(json.loads(Path(path).read_text()))
-                elif name.endswith((".safetensors", ".bin")):
-                    parts.append([name, os.path.getsize(path)])
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Identifies the frozen encoders (:func:`frozen_encoder_fingerprint`)."""
+        return frozen_encoder_fingerprint(*self._dirs, self.t5_max_len)
 
     def use_precomputed(self, path: str | os.PathLike | None) -> None:
         """Read the frozen outputs of the captions stored at ``path`` (a
