@@ -162,6 +162,29 @@ def train_shard_of(trainer, batch_size: int) -> TrainShard:
     )
 
 
+def resume_position_of(trainer) -> tuple[int, int]:
+    """(epoch, micro-batches this process has already trained in it) for a Trainer that
+    restored a checkpoint; (0, 0) for a fresh fit or without a Trainer.
+
+    Read from Lightning's restored loop progress when the train DataLoader is built (after
+    the checkpoint is loaded, before the first batch is drawn), so the data position is
+    part of every checkpoint without a second copy of it.
+    """
+    fit_loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
+    if fit_loop is None:
+        return 0, 0
+    return int(fit_loop.epoch_progress.current.processed), int(fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+def resume_sampler(sampler: "SeededClipSampler", trainer, batch_size: int) -> "SeededClipSampler":
+    """Make ``sampler``'s next pass continue a resumed epoch: the same (seed, epoch) order
+    without the micro-batches already trained. At an epoch boundary nothing changes."""
+    epoch, done = resume_position_of(trainer)
+    if 0 < done * batch_size < len(sampler):
+        sampler.resume(epoch, done * batch_size)
+    return sampler
+
+
 class SeededClipSampler(Sampler):
     """Training order + per-item seeds, from a generator seeded with (seed, epoch).
 
@@ -211,9 +234,17 @@ class SeededClipSampler(Sampler):
             )
         self.seed = int(seed)
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """The next pass is epoch ``epoch`` without its first ``skip`` draws (of this shard):
+        continuing an epoch interrupted after ``skip`` clips."""
+        if not 0 <= skip <= len(self):
+            raise ValueError(f"cannot skip {skip} of an epoch of {len(self)} clips")
+        self.epoch, self._skip = int(epoch), int(skip)
 
     def __len__(self) -> int:
         if not self.sharded:
@@ -241,7 +272,8 @@ class SeededClipSampler(Sampler):
                 np.arange(steps)[:, None] * s.step_size + s.rank * per_rank + np.arange(per_rank)[None, :]
             ).reshape(-1)
             order, item_seeds = order[picked], item_seeds[picked]
-        return iter(zip(order.tolist(), item_seeds.tolist()))
+        skip, self._skip = self._skip, 0
+        return iter(zip(order[skip:].tolist(), item_seeds[skip:].tolist()))
 
 
 class AudioCapsDataModule(L.LightningDataModule):
@@ -388,6 +420,7 @@ class AudioCapsDataModule(L.LightningDataModule):
             num_samples=self.samples_per_epoch,
             shard=train_shard_of(self.trainer, self.batch_size),
         )
+        resume_sampler(sampler, self.trainer, self.batch_size)
         dataset = ClipDataset(clips, self.sample_rate, self.clip_samples, train=True, normalize=self.normalize)
         return DataLoader(
             dataset,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
+
+from datamodules.atomic import atomic_path
 
 
 class AudioDecodeError(RuntimeError):
@@ -99,16 +100,8 @@ def save_wav(path: str | os.PathLike, wave: np.ndarray, sr: int) -> None:
     data = np.clip(wave, -1.0, 1.0)
     if data.ndim == 2:
         data = data.T  # soundfile wants (samples, channels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp_name, data, int(sr), subtype="PCM_16", format="WAV")
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_path(path) as tmp:
+        sf.write(tmp, data, int(sr), subtype="PCM_16", format="WAV")
 
 
 def probe_audio(path: str | os.PathLike) -> tuple[float, int, int]:

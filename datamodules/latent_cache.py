@@ -36,8 +36,6 @@ Reading: ``LatentDataModule(cache_dir, batch_size, ...)`` -> batches with
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -45,7 +43,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.audio_datamodule import SeededClipSampler, train_shard_of
+from datamodules.atomic import torch_save_atomic, write_json_atomic
+from datamodules.audio_datamodule import SeededClipSampler, resume_sampler, train_shard_of
 
 CACHE_FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -55,30 +54,6 @@ _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 class CacheMismatchError(ValueError):
     """The cache on disk was built with something else than what the caller expects."""
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _torch_save_atomic(path: Path, payload: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def describe_fingerprint_difference(cached: dict | str, expected: dict | str) -> str:
@@ -212,7 +187,7 @@ class LatentCacheWriter:
         if not self._buffer:
             return
         name = f"shard_{len(self.index['shards']):05d}.pt"
-        _torch_save_atomic(self.cache_dir / name, {key: [record[key] for record in self._buffer] for key in ("id", "mean", "std", "captions", "labels", "split", "source")})
+        torch_save_atomic(self.cache_dir / name, {key: [record[key] for record in self._buffer] for key in ("id", "mean", "std", "captions", "labels", "split", "source")})
         ids = [record["id"] for record in self._buffer]
         splits: dict[str, int] = {}
         for record in self._buffer:
@@ -229,7 +204,7 @@ class LatentCacheWriter:
         """
         self.flush()
         stats = self._compute_stats()
-        _write_json_atomic(self.cache_dir / STATS_NAME, stats)
+        write_json_atomic(self.cache_dir / STATS_NAME, stats, indent=1)
         self.index["complete"] = True
         self._write_index()
         return stats
@@ -245,7 +220,7 @@ class LatentCacheWriter:
 
     # ----------------------------------------------------------------- internals
     def _write_index(self) -> None:
-        _write_json_atomic(self.cache_dir / INDEX_NAME, self.index)
+        write_json_atomic(self.cache_dir / INDEX_NAME, self.index, indent=1)
 
     def _compute_stats(self) -> dict:
         split = self.index["stats_split"]
@@ -489,7 +464,7 @@ class LatentDataModule(L.LightningDataModule):
         is_train = stage == "train"
         dataset = self.datasets[stage]
         # Training order and per-item seeds come from (seed, epoch): batches do not depend on
-        # num_workers, and resuming at an epoch boundary replays exactly. Under DDP each rank
+        # num_workers, and a resumed run continues the interrupted epoch where it stopped. Under DDP each rank
         # reads its shard of every optimizer step (SeededClipSampler); validation is not
         # sharded: every rank scores the whole (small) split, so val numbers do not depend on
         # the number of devices.
@@ -502,6 +477,7 @@ class LatentDataModule(L.LightningDataModule):
                 counts, weights = [counts[k] for k in used], [self.source_weights[k] for k in used]
             sampler = SeededClipSampler(counts, weights, seed=self.seed, num_samples=len(dataset),
                                         shard=train_shard_of(self.trainer, self.batch_size))
+            resume_sampler(sampler, self.trainer, self.batch_size)  # a resumed run continues mid-epoch
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=is_train and self.drop_last,
             num_workers=self.num_workers, collate_fn=collate_latents, persistent_workers=self.num_workers > 0,

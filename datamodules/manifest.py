@@ -24,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from datamodules.atomic import write_text_atomic
 
 REQUIRED_FIELDS = ("id", "path", "captions", "duration", "sample_rate", "split")
 OPTIONAL_FIELDS = ("labels",)
@@ -153,23 +154,6 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
     return entries
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` atomically: a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-
-
 def write_manifest(path: str | os.PathLike, entries: Iterable[ManifestEntry]) -> None:
     """Validate all entries (unique ids, valid fields) then write the JSONL file atomically.
 
@@ -184,7 +168,7 @@ def write_manifest(path: str | os.PathLike, entries: Iterable[ManifestEntry]) ->
             raise _field_error(f"{path} entry {index}", "id", f"duplicates id {entry.id!r}")
         seen.add(entry.id)
         lines.append(json.dumps(record, ensure_ascii=False))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def resolve_audio_path(manifest_path: str | os.PathLike, entry: ManifestEntry) -> Path:
@@ -524,7 +508,7 @@ def build_manifest_from_candidates(
     report.num_usable = len(entries)
     assert report.num_usable + len(report.problems) == report.num_candidates
 
-    atomic_write_text(report_path_for(out_path), json.dumps(report.to_json_dict(), indent=2, ensure_ascii=False))
+    write_text_atomic(report_path_for(out_path), json.dumps(report.to_json_dict(), indent=2, ensure_ascii=False))
     if not entries:
         raise NoUsableClipsError(
             f"no usable clips for {out_path} ({report.num_candidates} candidates); "

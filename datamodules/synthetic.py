@@ -40,7 +40,8 @@ import numpy as np
 from scipy.signal import chirp
 
 from datamodules.audio_io import save_wav
-from datamodules.manifest import ManifestEntry, atomic_write_text, read_manifest, write_manifest
+from datamodules.atomic import write_text_atomic
+from datamodules.manifest import ManifestEntry, read_manifest, write_manifest
 
 CORPUS_VERSION = 1
 SETTINGS_FILE = "corpus_settings.json"
@@ -402,7 +403,7 @@ def generate_corpus(
         manifest_path.unlink()  # from here until the end, the corpus reads as incomplete
     audio_dir = out_dir / AUDIO_FOLDER
     audio_dir.mkdir(exist_ok=True)
-    atomic_write_text(out_dir / SETTINGS_FILE, json.dumps(settings, indent=2))
+    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=2))
 
     jobs = [(split, index) for split, n in counts.items() for index in range(n)]
     if progress:

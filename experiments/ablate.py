@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", nargs="+", default=DEFAULT_EXPERIMENTS, help="experiments to compare")
     parser.add_argument("--eval", action="store_true", help="also run `make eval` on each (needs `make evaluator`)")
     args, overrides = parser.parse_known_args(argv)
-    from experiments.config import ConfigError, atomic_write_text, load_config
+    from datamodules.atomic import write_text_atomic
+    from experiments.config import ConfigError, load_config
 
     try:
         configs = [load_config(name, overrides) for name in args.experiments]
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     out = Path(configs[0].run.root) / "ablate" / f"{dt.datetime.now():%Y%m%d-%H%M%S}.md"
-    atomic_write_text(out, table)
+    write_text_atomic(out, table)
     print(table)
     print(f"[ablate] table written to {out}")
     return 0

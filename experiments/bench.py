@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     from omegaconf import OmegaConf
 
-    from experiments.config import atomic_write_text, config_from_argv
+    from datamodules.atomic import write_text_atomic
+    from experiments.config import config_from_argv
 
     cfg = config_from_argv(rest)
     name = cfg.experiment
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| torch.compile | step {c['compiled_step_s']:.3f} s vs eager {c['eager_step_s']:.3f} s (first step {c['first_step_with_compile_s']:.0f} s) "
               f"| {c['speedup']:.2f}× |")
     out = out_root / f"{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    atomic_write_text(out, json.dumps({**header, "results": results}, indent=2))
+    write_text_atomic(out, json.dumps({**header, "results": results}, indent=2))
     print(f"[bench] {out}")
     return 0
 

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from datamodules.atomic import write_text_atomic
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 BASE_CONFIG = EXPERIMENTS_DIR / "base.yaml"
 EXTENDS_KEY = "extends"
@@ -187,15 +189,6 @@ def config_from_container(container: dict) -> DictConfig:
 # ----------------------------------------------------------------------------- run dirs
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def point_last(link: Path, target: Path) -> None:
     """Atomically make ``link`` a symlink to ``target`` (a sibling folder, stored relative)."""
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
@@ -217,7 +210,7 @@ def make_run_dir(cfg: DictConfig) -> Path:
         run_dir = exp_dir / f"{stamp}-{suffix}"
         suffix += 1
     run_dir.mkdir(parents=True)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
     point_last(exp_dir / "last", run_dir)
     return run_dir
 

@@ -213,9 +213,9 @@ def generate_split(render_batch: Callable[[list[str], int], torch.Tensor], clips
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    from experiments.config import atomic_write_text
+    from datamodules.atomic import write_text_atomic
 
-    atomic_write_text(settings_path, json.dumps(settings, indent=2))
+    write_text_atomic(settings_path, json.dumps(settings, indent=2))
     batches = batched(clips, batch_size)
     start = time.perf_counter()
     for index, batch in progress(enumerate(batches), len(batches), desc):
@@ -289,12 +289,9 @@ class ReferenceCache:
         if path.is_file():
             return torch.load(path, map_location="cpu", weights_only=True)
         outputs = compute()
-        import os
+        from datamodules.atomic import torch_save_atomic
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(outputs, tmp)
-        os.replace(tmp, path)
+        torch_save_atomic(path, outputs)
         return outputs
 
 
@@ -531,7 +528,8 @@ def resolve_checkpoint(cfg: DictConfig, ckpt: str | None) -> Path:
 def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) -> dict:
     """Generate, write and score every eval split; returns the results dict (also written
     to ``<out>/results.json`` and ``results.md``)."""
-    from experiments.config import atomic_write_text, config_from_container, parse_overrides
+    from datamodules.atomic import write_text_atomic
+    from experiments.config import config_from_container, parse_overrides
     from experiments.pipeline import (
         check_length, check_pretransform, load_pretransform_for, manifest_sources, render_fn, set_threads,
     )
@@ -636,8 +634,8 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
                                     "folder": str(split_dir), "rows": split_rows}
     results["num_clips_note"] = "clips per split: " + ", ".join(counts)
 
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(out_dir / "results.md", results_markdown(results))
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out_dir / "results.md", results_markdown(results))
     log(f"results: {out_dir / 'results.md'} and results.json")
     return results
 

@@ -33,7 +33,8 @@ from omegaconf import DictConfig
 
 from datamodules.manifest import ManifestSource
 from datamodules.synthetic import LABEL_VALUES, describe_corpus_vocabulary
-from experiments.config import atomic_write_text, make_run_dir
+from datamodules.atomic import write_text_atomic
+from experiments.config import make_run_dir
 from lightning_modules.evaluator import EvaluatorSystem, attribute_accuracy
 
 EVALUATOR_FILE = "evaluator.pt"
@@ -72,7 +73,7 @@ def evaluator_trainer(cfg: DictConfig, run_dir: Path, max_steps: int, val_every_
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_modules.callbacks import AtomicCheckpointIO
+    from lightning_modules.checkpoints import SafeCheckpointIO
 
     return L.Trainer(
         default_root_dir=run_dir,
@@ -85,7 +86,7 @@ def evaluator_trainer(cfg: DictConfig, run_dir: Path, max_steps: int, val_every_
         log_every_n_steps=cfg.trainer.log_every_steps,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False),
         callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[SafeCheckpointIO()],
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
@@ -156,7 +157,7 @@ def train_evaluator(cfg: DictConfig) -> Path:
         "torch": torch.__version__,
     }
     model.save(run_dir / EVALUATOR_FILE, extra={"accuracy": accuracy, "corpus": report["corpus"]})
-    atomic_write_text(run_dir / REPORT_FILE, json.dumps(report, indent=2))
+    write_text_atomic(run_dir / REPORT_FILE, json.dumps(report, indent=2))
     log("evaluator", f"saved {run_dir / EVALUATOR_FILE} and {run_dir / REPORT_FILE}")
     if failing:
         raise RuntimeError(

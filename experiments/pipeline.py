@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,9 +29,17 @@ from datamodules.latent_cache import LatentCache, LatentCacheWriter, LatentDataM
 from datamodules.manifest import ManifestSource, parse_manifest_sources
 from datamodules.synthetic import generate_corpus
 from experiments import ranks
-from experiments.config import ConfigError, atomic_write_text, last_run_dir, make_run_dir
+from datamodules.atomic import write_text_atomic
+from experiments.config import ConfigError, last_run_dir, make_run_dir
 from lightning_modules.audio_lm import AudioLMSystem
-from lightning_modules.callbacks import AtomicCheckpointIO, AudioSamplesCallback
+from lightning_modules.callbacks import AudioSamplesCallback
+from lightning_modules.checkpoints import (
+    CheckpointError,
+    PreemptionCheckpoint,
+    SafeCheckpointIO,
+    load_checkpoint,
+    verify_checkpoint_file,
+)
 from lightning_modules.mel_vae import MelVAESystem
 from lightning_modules.parts.pretransform import MelVAEPretransform
 from lightning_modules.parts.text_conditioning import train_sentencepiece
@@ -149,18 +158,31 @@ def build_trainer(
     :class:`~datamodules.audio_datamodule.SeededClipSampler`), so Lightning's
     distributed-sampler replacement is off.
     """
+    import datetime
+
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    # Our samplers continue an interrupted epoch from Lightning's restored loop progress
+    # (datamodules.audio_datamodule.resume_sampler), so this warning does not apply.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer_cfg = cfg.trainer
-    checkpoint = ModelCheckpoint(
+    keep = int(trainer_cfg.get("keep_checkpoints", -1)) if ckpt_every_steps else 1
+    checkpoint = ModelCheckpoint(  # step checkpoints: the newest `keep` (by step), and last.ckpt
         dirpath=run_dir / "checkpoints",
         filename="step{step:07d}",
         auto_insert_metric_name=False,
         every_n_train_steps=ckpt_every_steps or val_every_steps,
-        save_top_k=-1 if ckpt_every_steps else 1,
+        save_top_k=keep,
+        monitor="step" if keep not in (-1, 0, 1) else None,
+        mode="max",
         save_last=True,
     )
+    safety: list[L.Callback] = [PreemptionCheckpoint(run_dir / "checkpoints")]  # SIGTERM / Ctrl-C → last.ckpt
+    minutes = float(trainer_cfg.get("ckpt_every_minutes", 0) or 0)
+    if minutes > 0:  # bounds what a SIGKILL or power loss can cost, whatever the step interval
+        safety.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
+                                      train_time_interval=datetime.timedelta(minutes=minutes)))
     return L.Trainer(
         default_root_dir=run_dir,
         max_steps=max_steps,
@@ -178,9 +200,9 @@ def build_trainer(
         log_every_n_steps=trainer_cfg.log_every_steps,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False),
         # The bar refreshes at the logging interval: its loss readout is a host sync.
-        callbacks=[*callbacks, checkpoint, LearningRateMonitor(logging_interval="step"),
+        callbacks=[*callbacks, checkpoint, *safety, LearningRateMonitor(logging_interval="step"),
                    TQDMProgressBar(refresh_rate=max(1, int(trainer_cfg.log_every_steps)))],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[SafeCheckpointIO()],
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
@@ -197,6 +219,10 @@ def resolve_resume(cfg: DictConfig) -> str | None:
         path = Path(resume)
     if not path.is_file():
         raise FileNotFoundError(f"trainer.resume: checkpoint {path} does not exist")
+    try:
+        verify_checkpoint_file(path)  # a truncated / corrupt file is refused before any work
+    except CheckpointError as error:
+        raise ConfigError(f"trainer.resume: {error}") from None
     return str(path)
 
 
@@ -461,7 +487,10 @@ def build_audio_lm(
     system = AudioLMSystem(container(cfg), sp_model_path=sp_model_path, pretransform_fingerprint=pretransform_fingerprint)
     system.set_latent_stats(cache.mean, cache.std)
     if cfg.model.init_from:
-        state = torch.load(cfg.model.init_from, map_location="cpu", weights_only=False)["state_dict"]
+        try:
+            state = load_checkpoint(cfg.model.init_from)["state_dict"]
+        except CheckpointError as error:
+            raise ConfigError(f"model.init_from: {error}") from None
         missing, unexpected = system.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(
@@ -608,14 +637,14 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
     )
     log("lm", describe_batch(trainer, cfg.trainer.batch_size))
     start = time.perf_counter()
-    trainer.fit(system, datamodule=datamodule, ckpt_path=record["resume"])
+    trainer.fit(system, datamodule=datamodule, ckpt_path=record["resume"], weights_only=True)
     timings = dict(record["timings_s"], lm=time.perf_counter() - start)
     if not trainer.is_global_zero:
         return run_dir
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = {"timings_s": timings, "final_metrics": metrics, "samples": str(run_dir / "samples"),
                "world_size": trainer.world_size}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     log("lm", "stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     log("lm", "final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/" in k and "by_t" not in k))
     log("lm", f"samples with their captions: {run_dir / 'samples'}")

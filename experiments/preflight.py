@@ -11,7 +11,6 @@ The same steps, in order, are the README's "The paper recipe".
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field

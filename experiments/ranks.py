@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from experiments.config import atomic_write_text
+from datamodules.atomic import write_text_atomic
 
 PREPARED_ENV_PREFIX = "AUDIOLM_PREPARED_"
 LAUNCH_DIR = ".launch"
@@ -116,7 +116,7 @@ def prepare_once(
         record = dict(prepare(), config_digest=digest, launch_id=ident)
         os.environ[env_name] = json.dumps(record)
         if path is not None:
-            atomic_write_text(path, json.dumps(record, indent=1))
+            write_text_atomic(path, json.dumps(record, indent=1))
         return record
     if path is None:
         raise RuntimeError(f"rank {global_rank_before_fit()} has no launch id to wait for rank zero's {stage} preparation")

@@ -35,6 +35,10 @@ from lightning_modules.parts.text_conditioning import apply_text_dropout, build_
 NUM_TIMESTEP_BUCKETS = 10  # loss is also logged per tenth of the diffusion timestep range
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped: too many consecutive optimizer steps with NaN/Inf gradients."""
+
+
 def step_seeds(seed: int, step: int, shard: int) -> tuple[int, int]:
     """Two independent 63-bit seeds for one micro-batch: (host, device).
 
@@ -295,14 +299,75 @@ class AudioLMSystem(L.LightningModule):
         sums[1].index_add_(0, bucket, weight)
         self._loss_by_t = sums if getattr(self, "_loss_by_t", None) is None else self._loss_by_t + sums
 
+    # ------------------------------------------------------------------ gradient guard
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the total gradient norm and skip the optimizer step when that norm is NaN
+        or infinite — decided on the device, without a host synchronisation.
+
+        The fused AdamW of :meth:`configure_optimizers` reads ``optimizer.found_inf`` (the
+        mechanism ``torch.amp.GradScaler`` uses) and leaves weights, moments and its step
+        count untouched where it is non-zero. Norms, clipped and skipped steps are
+        accumulated on the device and written at the logging interval
+        (:meth:`_flush_step_stats`), which also stops the run after ``optim.max_bad_steps``
+        consecutive skipped steps. Sharded strategies (FSDP, DeepSpeed) hold only a shard of
+        each gradient here, so they keep Lightning's own clipping and no guard.
+        """
+        raw = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch one
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or not getattr(raw, "defaults", {}).get("fused"):
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+            return
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()  # () on the device
+        clip = float(gradient_clip_val or 0.0)
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, clip, norm, foreach=True)
+        bad = ~torch.isfinite(norm)
+        raw.found_inf = bad.float()  # fused AdamW: skip this update where non-zero
+        stats = getattr(self, "_step_stats", None)
+        if stats is None:  # [sum of finite norms, steps, clipped, skipped, current run of bad steps, longest run]
+            stats = self._step_stats = torch.zeros(6, device=norm.device)
+        consecutive = (stats[4] + 1) * bad
+        update = torch.stack([torch.where(bad, 0.0, norm), torch.ones_like(norm), ((norm > clip) & ~bad).float() * (clip > 0),
+                              bad.float(), consecutive - stats[4], torch.maximum(stats[5], consecutive) - stats[5]])
+        stats.add_(update)
+
+    def _flush_step_stats(self) -> None:
+        """Write the device-side step statistics since the last write (one host sync) and
+        stop the run after ``optim.max_bad_steps`` consecutive non-finite steps."""
+        stats = getattr(self, "_step_stats", None)
+        if stats is None:
+            return
+        norm_sum, steps, clipped, skipped, run, longest = stats.tolist()
+        stats[[0, 1, 2, 3, 5]] = 0  # keep the current run of bad steps across writes
+        self._totals = totals = getattr(self, "_totals", None) or {"clipped_steps": 0, "skipped_steps": 0}
+        totals["clipped_steps"] += int(clipped)
+        totals["skipped_steps"] += int(skipped)
+        if self.logger is not None and steps > 0:
+            metrics = {"train/clipped_steps": totals["clipped_steps"], "train/skipped_steps": totals["skipped_steps"]}
+            if steps > skipped:
+                metrics["train/grad_norm"] = norm_sum / (steps - skipped)
+            self.logger.log_metrics(metrics, step=self.global_step)
+        limit = int(self.cfg.optim.get("max_bad_steps", 0))  # absent from older checkpoints
+        if limit > 0 and max(run, longest) >= limit:
+            raise NonFiniteTrainingError(
+                f"stopped at step {self.global_step}: {int(max(run, longest))} consecutive optimizer steps had NaN/Inf "
+                f"gradients (optim.max_bad_steps={limit}); they were skipped, so the weights and the last checkpoint "
+                "are those of the last good step. Lower optim.lr, check the data, or resume with trainer.resume=last."
+            )
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Every ``trainer.log_every_n_steps`` optimizer steps: the loss by timestep bucket,
-        averaged over the steps since the last write (this process's draws), to the logger."""
-        sums = getattr(self, "_loss_by_t", None)
+        averaged over the steps since the last write (this process's draws), and the
+        gradient statistics, to the logger."""
         trainer = self._trainer
-        if sums is None or trainer is None or self.global_step % max(1, trainer.log_every_n_steps) != 0:
+        if trainer is None or self.global_step % max(1, trainer.log_every_n_steps) != 0:
             return
         if (batch_idx + 1) % int(trainer.accumulate_grad_batches) != 0:
+            return
+        self._flush_step_stats()
+        sums = getattr(self, "_loss_by_t", None)
+        if sums is None:
             return
         totals, counts = sums.tolist()  # the one host sync, at the logging interval
         self._loss_by_t = None
@@ -312,6 +377,32 @@ class AudioLMSystem(L.LightningModule):
                 for b in range(NUM_TIMESTEP_BUCKETS) if counts[b] > 0
             }
             self.logger.log_metrics(metrics, step=self.global_step)
+
+    # ------------------------------------------------------------------ checkpoint extras
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also store the global torch RNG states (only dropout draws from them; every other
+        random draw of a step comes from :meth:`step_generators`) and the skipped-step totals."""
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        self._flush_step_stats_quietly()
+        checkpoint["step_totals"] = dict(getattr(self, "_totals", None) or {})
+
+    def _flush_step_stats_quietly(self) -> None:
+        try:
+            self._flush_step_stats()
+        except NonFiniteTrainingError:  # reported at the next logging step
+            pass
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states") or {}
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        if checkpoint.get("step_totals"):
+            self._totals = dict(checkpoint["step_totals"])
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -369,7 +460,10 @@ class AudioLMSystem(L.LightningModule):
     def configure_optimizers(self):
         optim = self.cfg.optim
         groups = decay_parameter_groups(self, optim.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+        # Fused AdamW: one kernel per step, and it can skip a step on the device (found_inf,
+        # see configure_gradient_clipping). Sharded strategies keep the foreach version.
+        sharded = type(self._trainer.strategy).__name__.startswith(("FSDP", "DeepSpeed")) if self._trainer else False
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=not sharded)
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
         warmup = int(optim.warmup_steps)
 

@@ -1,41 +1,17 @@
-"""Callbacks shared by the systems: audio samples during training, atomic checkpoint files."""
+"""Callbacks shared by the systems: audio samples during training (checkpoint safety lives
+in :mod:`lightning_modules.checkpoints`)."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
-import soundfile as sf
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside it and renames it into place,
-    so an interrupted save never leaves a half-written ``.ckpt`` behind."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-
-def write_wav_atomic(path: Path, wave: np.ndarray, sample_rate: int) -> None:
-    """PCM16 wav via a temporary file and rename. ``wave``: (S,) float in [-1, 1]."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    sf.write(tmp, np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+from datamodules.atomic import write_json_atomic
+from datamodules.audio_io import save_wav
 
 
 def write_samples(
@@ -53,15 +29,13 @@ def write_samples(
     paths = []
     for name, wave in zip(names, waves.detach().float().cpu().numpy()):
         path = out_dir / f"{name}.wav"
-        write_wav_atomic(path, wave, sample_rate)
+        save_wav(path, np.nan_to_num(wave, nan=0.0, posinf=1.0, neginf=-1.0), sample_rate)
         paths.append(path)
     listing = {
         "settings": settings,
         "samples": [{"file": p.name, "caption": c} for p, c in zip(paths, captions)],
     }
-    tmp = out_dir / f".samples.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(listing, indent=2))
-    os.replace(tmp, out_dir / "samples.json")
+    write_json_atomic(out_dir / "samples.json", listing)
     return paths
 
 

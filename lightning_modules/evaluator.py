@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.atomic import torch_save_atomic
 from lightning_modules.parts.mel import MelFrontEnd
 
 EVALUATOR_FORMAT_VERSION = 1
@@ -136,8 +137,6 @@ class AttributeEvaluator(nn.Module):
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
         """Weights + constructor config (+ ``extra`` metadata) in one file, written atomically."""
-        import os
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -146,9 +145,7 @@ class AttributeEvaluator(nn.Module):
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "extra": json.loads(json.dumps(dict(extra or {}))),
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        torch_save_atomic(path, payload)
 
     @classmethod
     def load(cls, path: str | Path) -> "AttributeEvaluator":

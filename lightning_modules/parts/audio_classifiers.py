@@ -66,15 +66,14 @@ def _require_file(path: str | os.PathLike | None, what: str, file_name: str, url
 
 
 def _torch_load(path: Path) -> Any:
-    """Load a checkpoint on CPU: tensors-only unpickling first; official PANNs files also
-    pickle training-state objects, for which full unpickling of this local file is used."""
+    """Load a weights file on CPU without executing code: tensors, containers and numpy
+    data (official PANNs files also pickle numpy training state); anything else is refused."""
+    from lightning_modules.checkpoints import CheckpointError, load_checkpoint, numpy_data_globals
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 — retried below with full unpickling; errors there are reported
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise WeightsError(f"cannot read {path} as a torch checkpoint: {err}") from err
+        return load_checkpoint(path, extra_safe_globals=numpy_data_globals())
+    except CheckpointError as err:
+        raise WeightsError(f"cannot read {path} as a torch weights file: {err}") from err
 
 
 def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], path: Path, expected_file: str) -> None:

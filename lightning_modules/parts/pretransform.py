@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -38,27 +36,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from datamodules.atomic import atomic_directory, write_json_atomic
 from lightning_modules.parts.mel import MelFrontEnd, frame_mask_from_wave_mask
 from lightning_modules.parts.vae import build_mel_vae, load_mel_vae, vae_downsampling_factor
 from lightning_modules.parts.vocoder import GriffinLimVocoder, HifiGanVocoder
 
 PRETRANSFORM_FORMAT_VERSION = 1
 PRETRANSFORM_CONFIG_NAME = "pretransform.json"
-
-
-def write_json_atomic(path: str | Path, payload) -> None:
-    """Write JSON to ``path`` via a temporary file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def build_vocoder(vocoder_cfg: dict | None, mel: MelFrontEnd) -> nn.Module:
@@ -136,10 +120,12 @@ class MelVAEPretransform(nn.Module):
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.vae.save_pretrained(directory / "vae")
+        with atomic_directory(directory / "vae") as tmp:
+            self.vae.save_pretrained(tmp)
         vocoder_cfg = self.vocoder.config
         if isinstance(self.vocoder, HifiGanVocoder):
-            self.vocoder.save_pretrained(directory / "vocoder")
+            with atomic_directory(directory / "vocoder") as tmp:
+                self.vocoder.save_pretrained(tmp)
             vocoder_cfg = dict(kind="hifigan", pretrained_dir="vocoder")  # relative to the pretransform dir
         write_json_atomic(directory / PRETRANSFORM_CONFIG_NAME, dict(
             format_version=PRETRANSFORM_FORMAT_VERSION,

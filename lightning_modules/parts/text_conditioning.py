@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +28,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from datamodules.atomic import torch_save_atomic
 
 from .decoder import Block, init_transformer_weights
 
@@ -287,15 +288,7 @@ class FrozenTextEmbeddings:
         payload = dict(captions=unique, t5=torch.cat(t5_rows), offsets=offsets, clap=torch.cat(clap),
                        fingerprint=conditioner.encoder_fingerprint())
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        torch_save_atomic(path, payload)
         return path
 
 

@@ -1,0 +1,159 @@
+"""Checkpoints that are written atomically and loaded without executing code.
+
+- :func:`load_checkpoint` is the one way the project reads a ``.ckpt`` / ``.pt`` file it
+  did not just write: the zip's CRC-32 of every record is verified first (a truncated or
+  bit-flipped file is refused, naming it, before anything is loaded), then the file is
+  unpickled with ``torch.load(weights_only=True)``, which builds only tensors, primitive
+  containers and the types in :data:`CHECKPOINT_SAFE_GLOBALS`. A pickle that asks for any
+  other global — a code payload — is refused with :class:`CheckpointError`.
+- :class:`SafeCheckpointIO` is Lightning's checkpoint IO with both rules: saves go through
+  :func:`datamodules.atomic.atomic_path` (fsync + rename), loads through
+  :func:`load_checkpoint` — resuming a run uses it too.
+- :class:`PreemptionCheckpoint` writes ``last.ckpt`` when the job is told to stop
+  (SIGTERM: SLURM preemption, ``kill``, a cluster scheduler; Ctrl-C), at the end of the
+  optimizer step in progress, before Lightning exits.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from datamodules.atomic import atomic_path
+
+# Globals a checkpoint may reference beyond what ``weights_only=True`` always allows
+# (tensors, storages, dtypes, OrderedDict and the builtin containers and scalars). Our
+# Lightning checkpoints — weights, EMA weights, AdamW state, LambdaLR state, loop
+# progress, callback states, the config as plain dicts, torch RNG state — need none.
+# Add a type here only if it is data, never a callable.
+CHECKPOINT_SAFE_GLOBALS: tuple[Any, ...] = ()
+
+
+def numpy_data_globals() -> list[Any]:
+    """numpy's array, dtype and scalar constructors (data, not code), under the names both
+    numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) pickle them with — for weights
+    files written by other projects that also pickled numpy training state (PANNs)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    names = []
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        names += [(core.multiarray._reconstruct, f"{module}._reconstruct"), (core.multiarray.scalar, f"{module}.scalar")]
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object)) if n.endswith("DType")]
+    return [*names, np.ndarray, np.dtype, *dtype_classes]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that must not or cannot be loaded; the message names it."""
+
+
+def verify_checkpoint_file(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete torch zip archive whose
+    every record matches its CRC-32 (``torch.load`` itself does not check them). Files in
+    torch's pre-1.6 (non-zip) format have no checksums and are left to ``torch.load``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as handle:
+        if handle.read(2) != b"PK" and not zipfile.is_zipfile(path):
+            return  # legacy torch serialisation
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a torch checkpoint ({error}); refusing to load it — "
+            "resume from an earlier checkpoint in the same folder"
+        ) from error
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt (record {bad} fails its CRC check); refusing to load it — "
+            "resume from an earlier checkpoint in the same folder"
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False, extra_safe_globals: Sequence[Any] = ()
+) -> Any:
+    """Verify and load a checkpoint without executing code (see the module docstring).
+
+    ``extra_safe_globals`` widens the allow-list for one load (e.g. :func:`numpy_data_globals`
+    for third-party weights files); entries are objects or ``(object, "pickled.name")``.
+    """
+    path = Path(path)
+    verify_checkpoint_file(path)
+    try:
+        with torch.serialization.safe_globals([*CHECKPOINT_SAFE_GLOBALS, *extra_safe_globals]):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line] or str(error).splitlines()[:1]
+        raise CheckpointError(
+            f"checkpoint {path} asks to build objects outside the allow-list "
+            f"(lightning_modules/checkpoints.py CHECKPOINT_SAFE_GLOBALS), which could execute code; "
+            f"refusing to load it ({lines[0] if lines else 'unpickling refused'})"
+        ) from error
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {path} could not be read: {error}") from error
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic saves (a crash mid-save leaves the previous file intact and no partial file)
+    and code-free, verified loads (Lightning resumes through :meth:`load_checkpoint`)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM or Ctrl-C: write ``<dirpath>/last.ckpt`` before Lightning exits.
+
+    Lightning's signal connector records SIGTERM (``trainer.received_sigterm``; in
+    multi-process runs rank zero's flag is broadcast before every batch) and raises
+    ``SIGTERMException`` after the batch in progress; :meth:`on_exception` then saves on
+    every rank. In the middle of gradient accumulation the flag is held back until the
+    step's remaining micro-batches have run (at most ``accumulate_grad_batches - 1``), so
+    the checkpoint is always at an optimizer-step boundary — the only place a run can
+    continue exactly. Ctrl-C interrupts mid-batch; the weights, optimizer and counters saved
+    are then those of the last completed step.
+
+    Under SLURM, Lightning's requeue handling (``SLURMEnvironment(auto_requeue=True)``,
+    SIGUSR1 via ``#SBATCH --signal=SIGUSR1@90``) applies as well; the requeued job
+    continues with ``trainer.resume=last``.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        self.dirpath = Path(dirpath)
+        self._held_back = False
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        connector = trainer._signal_connector  # where Lightning keeps `trainer.received_sigterm`
+        at_step_boundary = (batch_idx + 1) % int(trainer.accumulate_grad_batches) == 0
+        if connector.received_sigterm and not at_step_boundary:
+            connector.received_sigterm, self._held_back = False, True
+        elif self._held_back and at_step_boundary:
+            connector.received_sigterm, self._held_back = True, False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.global_step == 0:
+            return
+        trainer.save_checkpoint(self.path)
+        if trainer.is_global_zero:
+            reason = "SIGTERM" if isinstance(exception, SIGTERMException) else "interrupted"
+            print(f"[lm] {reason}: wrote {self.path} at step {trainer.global_step}; "
+                  "continue with ARGS=\"trainer.resume=last\"", flush=True)
