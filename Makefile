@@ -19,10 +19,14 @@ PROMPTS ?=
 SECONDS ?=
 CFG ?=
 STEPS ?=
+SAMPLER ?=
 TEMPERATURE ?=
 SEED ?=
 OUT ?=
 PYTEST_ARGS ?=
+# make tensorboard / make notebook listen on this address only; HOST=0.0.0.0 opens them to the network
+HOST ?= 127.0.0.1
+PORT ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help setup check train cache generate eval evaluator ablate bench gpu-check rehearsal test test-min test-rehearsal test-full tensorboard notebook corpus manifest clean-venv
@@ -52,11 +56,11 @@ train: $(STAMP) ## Train an experiment: make train [EXP=demo] [ARGS="key=value .
 cache: $(STAMP) ## Encode an experiment's manifest into its latent cache (resumable)
 	$(PY) -m experiments.cache $(EXP) $(ARGS)
 
-generate: $(STAMP) ## Generate audio: make generate [CKPT=...] PROMPT="..." | PROMPTS=file.txt [SECONDS= CFG= CFG_SCHEDULE= CFG_RESCALE= STEPS= TEMPERATURE= SEED= OUT=]
+generate: $(STAMP) ## Generate audio: make generate [CKPT=...] PROMPT="..." | PROMPTS=file.txt [SECONDS= CFG= CFG_SCHEDULE= CFG_RESCALE= STEPS= SAMPLER= TEMPERATURE= SEED= OUT=]
 	$(PY) -m experiments.generate \
 	  $(if $(CKPT),--ckpt "$(CKPT)") $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
 	  $(if $(SECONDS),--seconds $(SECONDS)) $(if $(CFG),--cfg $(CFG)) \
-	  $(if $(CFG_SCHEDULE),--cfg-schedule $(CFG_SCHEDULE)) $(if $(CFG_RESCALE),--cfg-rescale $(CFG_RESCALE)) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(CFG_SCHEDULE),--cfg-schedule $(CFG_SCHEDULE)) $(if $(CFG_RESCALE),--cfg-rescale $(CFG_RESCALE)) $(if $(STEPS),--steps $(STEPS)) $(if $(SAMPLER),--sampler $(SAMPLER)) \
 	  $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 eval: $(STAMP) ## Evaluate a checkpoint: make eval [EXP=demo] [CKPT=...]
@@ -96,12 +100,12 @@ test-rehearsal: $(STAMP) ## The paper recipe end to end on a generated AudioCaps
 test-full: $(STAMP) ## All tests, including slow end-to-end ones
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-tensorboard: $(STAMP) ## Watch training: TensorBoard over runs/
-	$(VENV)/bin/tensorboard --logdir runs
+tensorboard: $(STAMP) ## Watch training: TensorBoard over runs/ (on 127.0.0.1 unless HOST=0.0.0.0; PORT=)
+	$(VENV)/bin/tensorboard --logdir runs --host $(HOST) $(if $(PORT),--port $(PORT))
 
-notebook: $(STAMP) ## Jupyter Lab on notebooks/ (installs the notebook extra)
+notebook: $(STAMP) ## Jupyter Lab on notebooks/ (installs the notebook extra; on 127.0.0.1 unless HOST=0.0.0.0; PORT=)
 	$(PY) -m pip install -q -e ".[notebook,$(EXTRAS)]"
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ --ServerApp.ip=$(HOST) $(if $(PORT),--ServerApp.port=$(PORT))
 
 clean-venv: ## Remove the virtual environment
 	rm -rf $(VENV)

@@ -68,6 +68,19 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
         _fsync_path(path.parent, directory=True)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that writers killed mid-write (SIGKILL, power loss) left in
+    ``folder``; returns them. Only for folders no live process is writing to."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_MARK}*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -357,7 +357,7 @@ class AudioCapsDataModule(L.LightningDataModule):
         for source_index, (source, entries) in enumerate(zip(self.sources, self._source_entries())):
             for entry in entries:
                 if entry.split == split:
-                    clips.append(ResolvedClip(entry, resolve_audio_path(source.path, entry), source_index))
+                    clips.append(ResolvedClip(entry, resolve_audio_path(source.path, entry, source.allow_absolute_paths), source_index))
         missing = [f"{self.sources[c.source_index].path}: {c.entry.id} -> {c.audio_path}" for c in clips if not c.audio_path.is_file()]
         if missing:
             shown = "\n  ".join(missing[:5])

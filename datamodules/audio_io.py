@@ -60,8 +60,8 @@ def load_audio(
         float32 array (samples,) if mono, else (channels, samples).
 
     Raises:
-        AudioDecodeError: naming the file, if it is missing, unreadable, or has no
-            samples in the requested segment.
+        AudioDecodeError: naming the file, if it is missing, unreadable, has no
+            samples in the requested segment, or holds NaN / infinite samples.
     """
     path = Path(path)
     try:
@@ -76,6 +76,8 @@ def load_audio(
         raise AudioDecodeError(f"cannot decode audio file {path}: {error}") from error
     if data.shape[0] == 0:
         raise AudioDecodeError(f"audio file {path} has no samples (offset {offset_seconds:.3f} s)")
+    if not np.isfinite(data).all():  # float wavs can hold NaN / Inf samples
+        raise AudioDecodeError(f"audio file {path} contains NaN or infinite samples")
     wave = data.T  # (channels, samples)
     if mono:
         wave = wave.mean(axis=0)  # (samples,)

@@ -65,12 +65,18 @@ class AudioCapsClip:
         }
 
 
+def _undecodable(text: str) -> bool:
+    """Does ``text`` hold bytes that were not UTF-8 (read with errors="surrogateescape")?"""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
 def read_audiocaps_csv(csv_path: str | os.PathLike, split: str) -> tuple[list[AudioCapsClip], list[dict[str, str]]]:
     """Group one AudioCaps CSV's rows into clips, keeping CSV order.
 
     Returns:
-        (clips, bad_rows): bad_rows lists rows with an empty youtube_id, an unparsable
-        start_time or an empty caption, each as {"where": "file line N", "detail": ...}.
+        (clips, bad_rows): bad_rows lists rows with an empty or path-like youtube_id, an
+        unparsable start_time, an empty caption or bytes that are not UTF-8, each as
+        {"where": "file line N", "detail": ...}.
 
     Raises:
         ManifestError: if the file lacks one of the AUDIOCAPS_COLUMNS.
@@ -78,7 +84,8 @@ def read_audiocaps_csv(csv_path: str | os.PathLike, split: str) -> tuple[list[Au
     csv_path = Path(csv_path)
     clips: dict[tuple[str, str], AudioCapsClip] = {}
     bad_rows: list[dict[str, str]] = []
-    with open(csv_path, newline="", encoding="utf-8") as handle:
+    # Undecodable bytes survive as surrogates and make their row a bad row, not a crash.
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in AUDIOCAPS_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -92,8 +99,12 @@ def read_audiocaps_csv(csv_path: str | os.PathLike, split: str) -> tuple[list[Au
             start_time = (row["start_time"] or "").strip()
             caption = (row["caption"] or "").strip()
             problem = None
-            if not youtube_id:
+            if any(_undecodable(value) for value in (youtube_id, start_time, caption)):
+                problem = "not UTF-8 text"
+            elif not youtube_id:
                 problem = "empty youtube_id"
+            elif "/" in youtube_id or "\\" in youtube_id or youtube_id.startswith("."):
+                problem = f"youtube_id {youtube_id!r} is not a plain name (it would leave the audio folder)"
             else:
                 try:
                     float(start_time)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from datamodules.audiocaps import DEFAULT_AUDIOCAPS_PATTERNS, build_audiocaps_manifest
@@ -120,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1 if isinstance(error, NoUsableClipsError) else 2
     print_report(report)
+    if not Path(args.audio_dir).resolve().is_relative_to(Path(args.out).resolve().parent):
+        print(f"note: the audio lies outside {Path(args.out).resolve().parent}, so the manifest names it by absolute "
+              "path; training reads such manifests with data.allow_absolute_paths=true (or put the manifest above "
+              "the audio folder)")
     return 0
 
 

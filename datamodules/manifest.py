@@ -171,12 +171,33 @@ def write_manifest(path: str | os.PathLike, entries: Iterable[ManifestEntry]) ->
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def resolve_audio_path(manifest_path: str | os.PathLike, entry: ManifestEntry) -> Path:
-    """The audio file of `entry`: absolute as written, or relative to the manifest's folder."""
-    audio_path = Path(entry.path).expanduser()
-    if audio_path.is_absolute():
-        return audio_path
-    return Path(manifest_path).resolve().parent / audio_path
+def resolve_audio_path(manifest_path: str | os.PathLike, entry: ManifestEntry, allow_absolute: bool = False) -> Path:
+    """The audio file of `entry`, relative to the manifest's folder (its dataset root).
+
+    A relative path may not leave that folder (``../`` beyond it is refused; symlinks
+    inside it, e.g. ``audio -> /mnt/audiocaps``, are followed as usual). An absolute path
+    is accepted only with ``allow_absolute`` (``data.allow_absolute_paths``), so a manifest
+    from elsewhere cannot point the loaders at arbitrary files.
+
+    Raises:
+        ManifestError: naming the manifest, the clip id and the path.
+    """
+    root = Path(manifest_path).resolve().parent
+    audio_path = Path(entry.path)
+    if audio_path.is_absolute() or entry.path.startswith("~"):
+        if not allow_absolute:
+            raise ManifestError(
+                f"{manifest_path}: clip {entry.id!r} has the absolute path {entry.path!r}; manifests read audio below "
+                f"their own folder ({root}) unless absolute paths are allowed: data.allow_absolute_paths=true"
+            )
+        return audio_path.expanduser()
+    inside = Path(os.path.normpath(root / audio_path))
+    if inside != root and root not in inside.parents:
+        raise ManifestError(
+            f"{manifest_path}: clip {entry.id!r} path {entry.path!r} leaves the manifest's folder {root}; "
+            "keep audio below it (a symlink there works) or write absolute paths and set data.allow_absolute_paths=true"
+        )
+    return inside
 
 
 def relative_audio_path(manifest_path: str | os.PathLike, audio_path: str | os.PathLike) -> str:
@@ -202,18 +223,24 @@ class ManifestSource:
 
     path: str
     weight: float = 1.0
+    allow_absolute_paths: bool = False  # data.allow_absolute_paths: see resolve_audio_path
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, (int, float)) or not self.weight > 0:
             raise ValueError(f"manifest source {self.path}: weight must be > 0, got {self.weight!r}")
 
 
-def parse_manifest_sources(specs: Sequence[Any]) -> list[ManifestSource]:
+def parse_manifest_sources(specs: Sequence[Any], allow_absolute_paths: bool = False) -> list[ManifestSource]:
     """Normalise config values to `ManifestSource`s.
 
     Each item may be a path string (weight 1), a (path, weight) pair, a
     {"path": ..., "weight": ...} mapping, or a `ManifestSource`.
     """
+    sources = _parse_manifest_sources(specs)
+    return [dataclasses.replace(s, allow_absolute_paths=allow_absolute_paths or s.allow_absolute_paths) for s in sources]
+
+
+def _parse_manifest_sources(specs: Sequence[Any]) -> list[ManifestSource]:
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     if not specs:

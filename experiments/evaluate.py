@@ -531,9 +531,8 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
     from datamodules.atomic import write_text_atomic
     from experiments.config import config_from_container, parse_overrides
     from experiments.pipeline import (
-        check_length, check_pretransform, load_pretransform_for, manifest_sources, render_fn, set_threads,
+        check_length, check_pretransform, load_audio_lm, load_pretransform_for, manifest_sources, render_fn, set_threads,
     )
-    from lightning_modules.audio_lm import AudioLMSystem
 
     set_threads(cfg)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("auto", "gpu") and torch.cuda.is_available() else "cpu")
@@ -563,7 +562,7 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
         suite = AudioSetSuite(cfg, device)
 
     log(f"loading {ckpt}")
-    system = AudioLMSystem.load_from_checkpoint(ckpt, map_location=device).eval()
+    system = load_audio_lm(ckpt, device)
     lm_cfg = config_from_container(system.hparams["config"])
     if sample_overrides:
         lm_cfg = OmegaConf.merge(lm_cfg, parse_overrides(sample_overrides))
@@ -664,6 +663,7 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     from experiments.config import ConfigError, load_config
+    from lightning_modules.checkpoints import CheckpointError
     from lightning_modules.parts.audio_classifiers import WeightsError
 
     experiment, ckpt, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         evaluate(cfg, checkpoint, sample_overrides)
-    except (FileNotFoundError, ValueError, WeightsError) as err:
+    except (FileNotFoundError, ValueError, WeightsError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     log(f"finished in {time.perf_counter() - start:.0f} s")

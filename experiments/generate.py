@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     parser.add_argument("--out", help="output folder (default: <run>/generated/<timestamp>)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--sampler", help="reverse diffusion sampler of the head (default: the checkpoint's sample.sampler)")
     return parser.parse_args(argv)
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Refuse out-of-range generation settings before any checkpoint is loaded."""
+    from lightning_modules.parts.diffusion_head import SAMPLERS
+
+    rules = [
+        ("--seconds / SECONDS", args.seconds, lambda v: v > 0, "must be > 0"),
+        ("--cfg / CFG", args.cfg, lambda v: v >= 0, "must be >= 0 (1: no guidance)"),
+        ("--cfg-rescale / CFG_RESCALE", args.cfg_rescale, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("--steps / STEPS", args.steps, lambda v: v >= 1, "must be >= 1"),
+        ("--temperature / TEMPERATURE", args.temperature, lambda v: v > 0, "must be > 0"),
+        ("--batch-size", args.batch_size, lambda v: v >= 1, "must be >= 1"),
+    ]
+    for name, value, ok, rule in rules:
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise SystemExit(f"error: {name}={value:g} {rule}")
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise SystemExit(f"error: --sampler / SAMPLER={args.sampler!r} is not one of {', '.join(SAMPLERS)}")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -47,26 +68,48 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts)
         if not path.is_file():
             raise SystemExit(f"error: --prompts file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise SystemExit(f"error: --prompts file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        file_prompts = [line.strip() for line in lines if line.strip()]  # blank lines separate nothing
+        if not file_prompts:
+            raise SystemExit(f"error: --prompts file {path} holds no prompt (every line is blank)")
+        prompts += file_prompts
+    if not prompts and not args.prompt:
         raise SystemExit("error: give --prompt \"...\" (PROMPT=) or --prompts file.txt (PROMPTS=)")
-    return prompts
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise SystemExit(f"error: prompt {i + 1} is empty or whitespace; give a caption such as \"a dog barks\"")
+    return [prompt.strip() for prompt in prompts]
+
+
+def warn_overlong(system, prompts: list[str]) -> None:
+    """Prompts longer than the text encoder reads are cut; say which, once each."""
+    for prompt, cut in zip(prompts, system.text.overlong(prompts)):
+        if cut:
+            print(f"warning: prompt {prompt[:60]!r}… is longer than the text encoder reads; "
+                  "it is truncated", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_settings(args)
     prompts = read_prompts(args)
     from experiments.config import config_from_container, last_run_dir
-    from experiments.pipeline import check_length, check_pretransform, load_pretransform_for, render_fn
-    from lightning_modules.audio_lm import AudioLMSystem
+    from experiments.pipeline import check_length, check_pretransform, load_audio_lm, load_pretransform_for, render_fn
     from lightning_modules.callbacks import write_samples
+    from lightning_modules.checkpoints import CheckpointError
 
     ckpt = Path(args.ckpt) if args.ckpt else last_run_dir(args.runs, args.exp) / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise SystemExit(f"error: checkpoint {ckpt} does not exist")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    system = AudioLMSystem.load_from_checkpoint(ckpt, map_location=device)
-    system.eval()
+    try:
+        system = load_audio_lm(ckpt, device)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+    warn_overlong(system, prompts)
     cfg = config_from_container(system.hparams["config"])
     sample = cfg.sample
     if args.seconds is not None:
@@ -81,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         sample.steps = args.steps
     if args.temperature is not None:
         sample.temperature = args.temperature
+    if args.sampler is not None:
+        sample.sampler = args.sampler
     pretransform = load_pretransform_for(cfg).to(device).eval()
     check_pretransform(system, pretransform)
     try:

@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = pipeline.train_audio_lm(cfg, extra_callbacks=[timer])
 
     # Generation: one clip of sample.seconds (10.24 s) with the KV cache, decoded to audio.
-    from lightning_modules.audio_lm import AudioLMSystem
-
-    system = AudioLMSystem.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    system = pipeline.load_audio_lm(run_dir / "checkpoints" / "last.ckpt")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     system = system.to(device).eval()
     pretransform = pipeline.load_pretransform_for(system.cfg).to(device)

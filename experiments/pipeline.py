@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +30,7 @@ from datamodules.latent_cache import LatentCache, LatentCacheWriter, LatentDataM
 from datamodules.manifest import ManifestSource, parse_manifest_sources
 from datamodules.synthetic import generate_corpus
 from experiments import ranks
-from datamodules.atomic import write_text_atomic
+from datamodules.atomic import remove_stale_temporaries, write_text_atomic
 from experiments.config import ConfigError, last_run_dir, make_run_dir
 from lightning_modules.audio_lm import AudioLMSystem
 from lightning_modules.callbacks import AudioSamplesCallback
@@ -83,7 +84,7 @@ def manifest_sources(cfg: DictConfig) -> list[ManifestSource]:
     if cfg.data.source == "manifest":
         if not cfg.data.manifests:
             raise ValueError("data.source is 'manifest' but data.manifests is empty: list at least one manifest")
-        return parse_manifest_sources(container(cfg.data.manifests))
+        return parse_manifest_sources(container(cfg.data.manifests), allow_absolute_paths=bool(cfg.data.allow_absolute_paths))
     raise ValueError(f"data.source must be 'synthetic' or 'manifest', got {cfg.data.source!r}")
 
 
@@ -158,8 +159,6 @@ def build_trainer(
     :class:`~datamodules.audio_datamodule.SeededClipSampler`), so Lightning's
     distributed-sampler replacement is off.
     """
-    import datetime
-
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -167,22 +166,18 @@ def build_trainer(
     # (datamodules.audio_datamodule.resume_sampler), so this warning does not apply.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer_cfg = cfg.trainer
-    keep = int(trainer_cfg.get("keep_checkpoints", -1)) if ckpt_every_steps else 1
-    checkpoint = ModelCheckpoint(  # step checkpoints: the newest `keep` (by step), and last.ckpt
+    checkpoint = ModelCheckpoint(  # step checkpoints (the newest trainer.keep_checkpoints are kept) and last.ckpt
         dirpath=run_dir / "checkpoints",
         filename="step{step:07d}",
         auto_insert_metric_name=False,
         every_n_train_steps=ckpt_every_steps or val_every_steps,
-        save_top_k=keep,
-        monitor="step" if keep not in (-1, 0, 1) else None,
-        mode="max",
+        save_top_k=-1 if ckpt_every_steps else 1,
         save_last=True,
+        enable_version_counter=False,  # last.ckpt is one file, also written by the preemption callback
     )
-    safety: list[L.Callback] = [PreemptionCheckpoint(run_dir / "checkpoints")]  # SIGTERM / Ctrl-C → last.ckpt
-    minutes = float(trainer_cfg.get("ckpt_every_minutes", 0) or 0)
-    if minutes > 0:  # bounds what a SIGKILL or power loss can cost, whatever the step interval
-        safety.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
-                                      train_time_interval=datetime.timedelta(minutes=minutes)))
+    # SIGTERM / Ctrl-C → last.ckpt; and last.ckpt every trainer.ckpt_every_minutes
+    safety = PreemptionCheckpoint(run_dir / "checkpoints", every_minutes=float(trainer_cfg.get("ckpt_every_minutes", 0) or 0))
+    keep = int(trainer_cfg.get("keep_checkpoints", -1)) if ckpt_every_steps else -1
     return L.Trainer(
         default_root_dir=run_dir,
         max_steps=max_steps,
@@ -200,9 +195,9 @@ def build_trainer(
         log_every_n_steps=trainer_cfg.log_every_steps,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False),
         # The bar refreshes at the logging interval: its loss readout is a host sync.
-        callbacks=[*callbacks, checkpoint, *safety, LearningRateMonitor(logging_interval="step"),
+        callbacks=[*callbacks, checkpoint, safety, LearningRateMonitor(logging_interval="step"),
                    TQDMProgressBar(refresh_rate=max(1, int(trainer_cfg.log_every_steps)))],
-        plugins=[SafeCheckpointIO()],
+        plugins=[SafeCheckpointIO(keep_step_checkpoints=keep)],
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
@@ -223,6 +218,8 @@ def resolve_resume(cfg: DictConfig) -> str | None:
         verify_checkpoint_file(path)  # a truncated / corrupt file is refused before any work
     except CheckpointError as error:
         raise ConfigError(f"trainer.resume: {error}") from None
+    for stale in remove_stale_temporaries(path.parent):  # the interrupted run's half-written saves
+        log("lm", f"removed {stale.name}, a save interrupted when {path.parent.parent.name} was stopped")
     return str(path)
 
 
@@ -670,6 +667,18 @@ def load_pretransform_for(cfg: DictConfig) -> MelVAEPretransform:
     cfg = cfg.copy()
     cfg.vae.train_if_missing = False
     return load_or_train_pretransform(cfg)
+
+
+def load_audio_lm(ckpt: str | Path, device: torch.device | str = "cpu") -> AudioLMSystem:
+    """A trained LM from its checkpoint, in eval mode: the file is verified first and loaded
+    without executing code (:mod:`lightning_modules.checkpoints`); a missing, truncated,
+    corrupt or code-carrying file raises :class:`CheckpointError` naming it."""
+    verify_checkpoint_file(ckpt)
+    try:
+        system = AudioLMSystem.load_from_checkpoint(ckpt, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"checkpoint {ckpt} holds objects outside the allow-list; refusing to load it") from error
+    return system.eval()
 
 
 def check_pretransform(system: AudioLMSystem, pretransform: MelVAEPretransform) -> None:

@@ -118,7 +118,8 @@ def check_manifests(cfg: DictConfig, splits: Sequence[str]) -> tuple[list[Proble
     if not cfg.data.manifests:
         return [Problem("data.manifests", "is empty", manifest_fix("data/audiocaps/manifest.jsonl"))], 0
     try:
-        sources = parse_manifest_sources(OmegaConf.to_container(cfg.data.manifests, resolve=True))
+        sources = parse_manifest_sources(OmegaConf.to_container(cfg.data.manifests, resolve=True),
+                                         allow_absolute_paths=bool(cfg.data.allow_absolute_paths))
     except (ManifestError, ValueError, TypeError) as err:
         return [Problem("data.manifests", str(err))], 0
     problems, clips = [], 0
@@ -132,10 +133,15 @@ def check_manifests(cfg: DictConfig, splits: Sequence[str]) -> tuple[list[Proble
         except ManifestError as err:
             problems.append(Problem(key, str(err), manifest_fix(source.path)))
             continue
-        missing = [e for e in entries if not resolve_audio_path(source.path, e).is_file()]
+        try:
+            paths = [resolve_audio_path(source.path, e, source.allow_absolute_paths) for e in entries]
+        except ManifestError as err:
+            problems.append(Problem(key, str(err)))
+            continue
+        missing = [p for p in paths if not p.is_file()]
         clips += len(entries) - len(missing)
         if missing:
-            examples = ", ".join(str(resolve_audio_path(source.path, e)) for e in missing[:3])
+            examples = ", ".join(str(p) for p in missing[:3])
             problems.append(Problem(
                 key, f"{len(missing)} of {len(entries)} audio files of splits {list(splits)} are missing (e.g. {examples})",
                 [f"restore them, or rebuild the manifest from what is on disk (its report lists what was left out): "

@@ -90,6 +90,16 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def is_rank_spawned_by_lightning() -> bool:
+    """Is this process a local rank (``LOCAL_RANK`` >= 1) that Lightning's launcher started?
+
+    Only those may take rank zero's record from the environment — and only from their
+    parent process: a later, independent launch (a second ``make train`` from a notebook or
+    a script that trained before) inherits the variable too, and must prepare anew.
+    """
+    return (_env_int("LOCAL_RANK") or 0) >= 1
+
+
 def prepare_once(
     stage: str, run_root: str | Path, config: dict[str, Any], prepare: Callable[[], dict[str, Any]], timeout_s: float
 ) -> dict[str, Any]:
@@ -106,14 +116,14 @@ def prepare_once(
     env_name = PREPARED_ENV_PREFIX + stage.upper()
     digest = config_digest(config)
     inherited = os.environ.get(env_name)
-    if inherited is not None:  # a local rank Lightning re-ran after rank zero prepared
+    if inherited is not None and is_rank_spawned_by_lightning():  # a local rank Lightning re-ran after rank zero prepared
         record = json.loads(inherited)
-        if record.get("config_digest") == digest:
+        if record.get("config_digest") == digest and record.get("prepared_by_pid") == os.getppid():
             return record
     ident = launch_id()
     path = Path(run_root) / LAUNCH_DIR / f"{ident}-{stage}.json" if ident else None
     if global_rank_before_fit() == 0:
-        record = dict(prepare(), config_digest=digest, launch_id=ident)
+        record = dict(prepare(), config_digest=digest, launch_id=ident, prepared_by_pid=os.getpid())
         os.environ[env_name] = json.dumps(record)
         if path is not None:
             write_text_atomic(path, json.dumps(record, indent=1))

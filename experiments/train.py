@@ -26,8 +26,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from experiments import pipeline  # heavy imports after the config is known to be valid
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from experiments.config import ConfigError
+    from lightning_modules.audio_lm import NonFiniteTrainingError
+    from lightning_modules.checkpoints import CheckpointError
+
     start = time.perf_counter()
-    run_dir = pipeline.run_task(cfg)
+    try:
+        run_dir = pipeline.run_task(cfg)
+    except SIGTERMException:  # Lightning stopped after SIGTERM; last.ckpt was written (PreemptionCheckpoint)
+        pipeline.log("train", f"{cfg.experiment} stopped by SIGTERM; continue with ARGS=\"trainer.resume=last\"")
+        return 143  # 128 + SIGTERM: schedulers see a terminated job, not a finished one
+    except (ConfigError, CheckpointError, NonFiniteTrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
     pipeline.log("train", f"{cfg.experiment} finished in {time.perf_counter() - start:.0f} s; run directory: {run_dir}")
     return 0
 

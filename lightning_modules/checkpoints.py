@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -106,18 +107,33 @@ def load_checkpoint(
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic saves (a crash mid-save leaves the previous file intact and no partial file)
-    and code-free, verified loads (Lightning resumes through :meth:`load_checkpoint`)."""
+    and code-free, verified loads (Lightning resumes through :meth:`load_checkpoint`).
+
+    ``keep_step_checkpoints`` >= 0: after writing a ``step*.ckpt``, delete all but the newest
+    that many of its siblings (names carry the zero-padded step: name order is step order);
+    ``last.ckpt`` is never pruned. -1 keeps all.
+    """
+
+    def __init__(self, keep_step_checkpoints: int = -1) -> None:
+        super().__init__()
+        self.keep = int(keep_step_checkpoints)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+        path = Path(path)
+        if self.keep >= 0 and path.name.startswith("step"):
+            steps = sorted(path.parent.glob("step*.ckpt"))
+            for old in steps[: max(0, len(steps) - self.keep)]:
+                old.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM or Ctrl-C: write ``<dirpath>/last.ckpt`` before Lightning exits.
+    """On SIGTERM or Ctrl-C: write ``<dirpath>/last.ckpt`` before Lightning exits; and
+    every ``every_minutes`` of training, refresh it (what a SIGKILL or power loss can cost).
 
     Lightning's signal connector records SIGTERM (``trainer.received_sigterm``; in
     multi-process runs rank zero's flag is broadcast before every batch) and raises
@@ -131,11 +147,17 @@ class PreemptionCheckpoint(L.Callback):
     Under SLURM, Lightning's requeue handling (``SLURMEnvironment(auto_requeue=True)``,
     SIGUSR1 via ``#SBATCH --signal=SIGUSR1@90``) applies as well; the requeued job
     continues with ``trainer.resume=last``.
+
+    The timed save is decided at logging steps only (``trainer.log_every_n_steps``), by rank
+    zero's clock, broadcast to every rank — so all ranks save together and no step pays
+    for a collective it does not need.
     """
 
-    def __init__(self, dirpath: str | os.PathLike) -> None:
+    def __init__(self, dirpath: str | os.PathLike, every_minutes: float = 0.0) -> None:
         self.dirpath = Path(dirpath)
+        self.every_s = float(every_minutes) * 60.0
         self._held_back = False
+        self._last_save = time.monotonic()
 
     @property
     def path(self) -> Path:
@@ -148,6 +170,11 @@ class PreemptionCheckpoint(L.Callback):
             connector.received_sigterm, self._held_back = False, True
         elif self._held_back and at_step_boundary:
             connector.received_sigterm, self._held_back = True, False
+        if self.every_s > 0 and at_step_boundary and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            due = trainer.strategy.broadcast(time.monotonic() - self._last_save >= self.every_s, src=0)
+            if due:
+                trainer.save_checkpoint(self.path)
+                self._last_save = time.monotonic()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.global_step == 0:

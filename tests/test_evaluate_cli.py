@@ -54,7 +54,7 @@ def stub_lm(monkeypatch, tmp_path):
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"stub")
 
-    def load_from_checkpoint(path, map_location=None):
+    def load_from_checkpoint(path, map_location=None, weights_only=None):
         cfg = load_config("demo", [f"run.root={tmp_path}/runs", f"run.data_root={tmp_path}/data"])
         return StubSystem(OmegaConf.to_container(cfg, resolve=True))
 

@@ -56,7 +56,9 @@ def test_manifest_round_trip_and_relative_paths(tmp_path):
     assert read_manifest(path) == entries
     assert "labels" not in path.read_text().splitlines()[1]  # empty labels omitted
     assert resolve_audio_path(path, entries[0]) == (tmp_path / "sub" / "audio" / "a.wav").resolve()
-    assert resolve_audio_path(path, entries[1]) == Path("/abs/b.wav")
+    assert resolve_audio_path(path, entries[1], allow_absolute=True) == Path("/abs/b.wav")
+    with pytest.raises(ManifestError, match="absolute path '/abs/b.wav'"):
+        resolve_audio_path(path, entries[1])  # only where data.allow_absolute_paths says so
 
 
 @pytest.mark.parametrize(
@@ -184,7 +186,8 @@ def test_audiocaps_builder_reports_every_clip_with_its_reason(audiocaps_dir, tmp
     assert entries["multi_0"].captions == [f"caption {k}" for k in range(5)]  # grouped, CSV order
     assert entries["multi_0"].split == "test" and entries["flac1_40"].sample_rate == 44100
     assert entries["good1_30"].duration == pytest.approx(2.0)
-    assert resolve_audio_path(out, entries["good1_30"]) == (audio_dir / "good1_30.wav").resolve()
+    # the audio lies outside the manifest's folder, so it is named by absolute path, read only when allowed
+    assert resolve_audio_path(out, entries["good1_30"], allow_absolute=True) == (audio_dir / "good1_30.wav").resolve()
 
     reasons = {p.id: p.reason for p in report.problems}
     assert reasons == {"missing1_10": "missing", "corrupt1_0": "corrupt", "silent1_5": "silent", "short1_7": "too_short"}

@@ -49,9 +49,18 @@ def test_single_process_prepares_and_publishes_for_lightnings_rerun_ranks(env, t
     record = ranks.prepare_once("audio_lm", tmp_path, {"a": 1}, counting_prepare(calls), 5)
     assert calls == [1] and record["run_dir"] == "runs/x"
     assert not (tmp_path / ranks.LAUNCH_DIR).exists()  # no external launch: no rendezvous file
-    env.setenv("LOCAL_RANK", "1")  # a local rank Lightning re-ran inherits the record
+    # A later, independent run from the same process (a notebook training twice) prepares anew.
+    assert ranks.prepare_once("audio_lm", tmp_path, {"a": 1}, counting_prepare(calls), 5)["run_dir"] == "runs/x"
+    assert calls == [1, 1]
+    record = json.loads(os.environ[ranks.PREPARED_ENV_PREFIX + "AUDIO_LM"])
+    env.setenv("LOCAL_RANK", "1")  # a local rank Lightning started, as a child of rank zero, inherits the record
+    env.setattr(os, "getppid", lambda: record["prepared_by_pid"])
     assert ranks.prepare_once("audio_lm", tmp_path, {"a": 1}, counting_prepare(calls), 5) == record
-    assert calls == [1]
+    assert calls == [1, 1]
+    env.setattr(os, "getppid", lambda: record["prepared_by_pid"] + 1)  # a launch by another process
+    env.setenv("LOCAL_RANK", "0")
+    ranks.prepare_once("audio_lm", tmp_path, {"a": 1}, counting_prepare(calls), 5)
+    assert calls == [1, 1, 1]
 
 
 def test_external_launch_rank_one_waits_for_rank_zeros_file(env, tmp_path):

@@ -44,6 +44,10 @@ class TextConditioner(nn.Module):
         """CPU-side tokenization of B captions -> dict of (B, ...) tensors."""
         raise NotImplementedError
 
+    def overlong(self, captions: list[str]) -> list[bool]:
+        """Per caption: is it longer than the encoder reads (and so cut by :meth:`tokenize`)?"""
+        raise NotImplementedError
+
     def forward(self, tokenized: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> prefix (B, L, D), mask (B, L) bool True = valid."""
         raise NotImplementedError
@@ -148,6 +152,10 @@ class ScratchTextConditioner(TextConditioner):
         if self._sp.get_piece_size() != self.vocab_size:
             raise ValueError(f"checkpoint tokenizer has {self._sp.get_piece_size()} pieces, "
                              f"module was built with vocab_size {self.vocab_size}")
+
+    def overlong(self, captions: list[str]) -> list[bool]:
+        """Per caption: would :meth:`tokenize` cut it (more than ``max_len - 1`` pieces)?"""
+        return [len(pieces) > self.max_len - 1 for pieces in self._sp.encode(list(captions))]
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """-> input_ids (B, L) long (0 = pad), attention_mask (B, L) bool. Each caption ends
@@ -350,6 +358,10 @@ class PretrainedT5ClapConditioner(TextConditioner):
             m._apply(fn, *args, **kwargs)
         self._cache.clear()
         return self
+
+    def overlong(self, captions: list[str]) -> list[bool]:
+        """Per caption: would :meth:`tokenize` cut it (more than ``t5_max_len`` T5 tokens)?"""
+        return [len(ids) > self.t5_max_len for ids in self._tokenizers["t5"](list(captions))["input_ids"]]
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """-> t5_input_ids / t5_attention_mask (B, 77), clap_input_ids / clap_attention_mask (B, Lc)."""
