@@ -125,15 +125,19 @@ def read_audiocaps_csv(csv_path: str | os.PathLike, split: str) -> tuple[list[Au
 def find_audio_file(audio_dir: Path, patterns: Sequence[str], fields: dict[str, str]) -> tuple[Path | None, list[str]]:
     """First existing `audio_dir / pattern.format(**fields)`, and the paths tried.
 
-    Patterns naming a field not in `fields` are skipped.
+    Patterns naming a field not in `fields` are skipped, and so are candidates that would
+    leave `audio_dir` (a field holding ``../``).
     """
     tried: list[str] = []
+    root = os.path.normpath(audio_dir)
     for pattern in patterns:
         try:
             relative = pattern.format(**fields)
         except (KeyError, IndexError):
             continue
         candidate = audio_dir / relative
+        if not os.path.normpath(candidate).startswith(root + os.sep):
+            continue
         tried.append(str(candidate))
         if candidate.is_file():
             return candidate, tried

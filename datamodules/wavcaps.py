@@ -58,6 +58,8 @@ def read_wavcaps_json(json_path: str | os.PathLike) -> tuple[list[dict[str, Any]
             document = json.load(handle)
     except json.JSONDecodeError as error:
         raise ManifestError(f"{json_path}: invalid JSON ({error.msg} at line {error.lineno})") from error
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{json_path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise ManifestError(f"{json_path}: expected an object with a \"data\" list (WavCaps metadata format)")
     entries, bad_rows = [], []
@@ -75,6 +77,9 @@ def read_wavcaps_json(json_path: str | os.PathLike) -> tuple[list[dict[str, Any]
             continue
         if not isinstance(caption, str) or not caption.strip():
             bad_rows.append({"where": where, "detail": f"field 'caption' missing or empty: {caption!r}"})
+            continue
+        if "/" in clip_id or "\\" in clip_id or clip_id.strip().startswith("."):
+            bad_rows.append({"where": where, "detail": f"id {clip_id!r} is not a plain name (it would leave the audio folder)"})
             continue
         entries.append({**item, "id": clip_id.strip(), "caption": caption.strip()})
     return entries, bad_rows

@@ -444,3 +444,25 @@ def test_fuzzed_dataset_gives_a_manifest_of_exactly_the_usable_files(tmp_path):
     for entry in entries:  # everything in the manifest loads, below its folder
         assert np.isfinite(load_audio(resolve_audio_path(out, entry), target_sr=16000)).all()
     assert leftovers(root) == []
+
+
+def test_fuzzed_wavcaps_metadata_gives_the_documented_error_or_bad_rows(tmp_path):
+    from datamodules.audiocaps import find_audio_file
+    from datamodules.wavcaps import read_wavcaps_json
+
+    cases = {"binary.json": b"\xff\xfe{\x00", "cut.json": b'{"data": [{"id": "a", "caption": "x"',
+             "random.json": np.random.default_rng(2).bytes(500), "list.json": b"[1, 2]"}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ManifestError, match=name):
+            read_wavcaps_json(tmp_path / name)
+    (tmp_path / "odd.json").write_text(json.dumps({"data": [
+        1, None, {"id": "../../etc/passwd", "caption": "x"}, {"id": 5, "caption": ""}, {"id": "ok", "caption": "fine"}]}))
+    entries, bad = read_wavcaps_json(tmp_path / "odd.json")
+    assert [e["id"] for e in entries] == ["ok"] and len(bad) == 4
+    assert "not a plain name" in bad[2]["detail"]
+    # and the file finder never looks outside the audio folder, whatever a field holds
+    (tmp_path / "secret.wav").write_bytes(b"x")
+    (tmp_path / "audio").mkdir()
+    found, tried = find_audio_file(tmp_path / "audio", ["{id}.wav"], {"id": "../secret"})
+    assert found is None and tried == []
