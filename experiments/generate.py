@@ -3,9 +3,16 @@
     python -m experiments.generate [--ckpt CKPT] --prompt "a dog barks" [--seconds 10 --cfg 3
         --steps 100 --temperature 1 --seed 0 --out DIR]
     python -m experiments.generate --prompts prompts.txt      # one prompt per line
+    python -m experiments.generate --audio-prompt clip.wav [--prompt-seconds 1] [--prompt "..."]
 
 Without ``--ckpt`` the newest ``demo`` run's last checkpoint is used. Writes one wav per
 prompt plus ``samples.json`` (file, caption and every generation setting).
+
+Continuation (``--audio-prompt``, ``make generate AUDIO_PROMPT=clip.wav``): the clip's
+opening ``--prompt-seconds`` are encoded with the pretransform and run through the KV cache
+after the text prefix; the model continues for ``--seconds``. Each wav holds the prompt
+(its VAE resynthesis) followed by the continuation. Without a caption it continues
+unconditionally.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default: <run>/generated/<timestamp>)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--sampler", help="reverse diffusion sampler of the head (default: the checkpoint's sample.sampler)")
+    parser.add_argument("--audio-prompt", help="continue this audio file (its opening --prompt-seconds)")
+    parser.add_argument("--prompt-seconds", type=float, default=1.0, help="how much of --audio-prompt to continue from (default 1)")
     return parser.parse_args(argv)
 
 
@@ -54,15 +63,18 @@ def check_settings(args: argparse.Namespace) -> None:
         ("--steps / STEPS", args.steps, lambda v: v >= 1, "must be >= 1"),
         ("--temperature / TEMPERATURE", args.temperature, lambda v: v > 0, "must be > 0"),
         ("--batch-size", args.batch_size, lambda v: v >= 1, "must be >= 1"),
+        ("--prompt-seconds / PROMPT_SECONDS", args.prompt_seconds, lambda v: v > 0, "must be > 0"),
     ]
     for name, value, ok, rule in rules:
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise SystemExit(f"error: {name}={value:g} {rule}")
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise SystemExit(f"error: --sampler / SAMPLER={args.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if args.audio_prompt is not None and not Path(args.audio_prompt).is_file():
+        raise SystemExit(f"error: --audio-prompt / AUDIO_PROMPT file {args.audio_prompt} does not exist")
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts(args: argparse.Namespace) -> list[str | None]:
     prompts = list(args.prompt)
     if args.prompts:
         path = Path(args.prompts)
@@ -77,6 +89,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise SystemExit(f"error: --prompts file {path} holds no prompt (every line is blank)")
         prompts += file_prompts
     if not prompts and not args.prompt:
+        if args.audio_prompt is not None:
+            return [None]  # continue the audio prompt without a caption
         raise SystemExit("error: give --prompt \"...\" (PROMPT=) or --prompts file.txt (PROMPTS=)")
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
@@ -97,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(args)
     prompts = read_prompts(args)
     from experiments.config import config_from_container, last_run_dir
-    from experiments.pipeline import check_length, check_pretransform, load_audio_lm, load_pretransform_for, render_fn
+    from experiments.pipeline import (
+        check_length, check_pretransform, encode_audio_prompt, load_audio_lm, load_pretransform_for, render_fn,
+    )
     from lightning_modules.callbacks import write_samples
     from lightning_modules.checkpoints import CheckpointError
 
@@ -109,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         system = load_audio_lm(ckpt, device)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from None
-    warn_overlong(system, prompts)
+    if prompts != [None]:
+        warn_overlong(system, prompts)
     cfg = config_from_container(system.hparams["config"])
     sample = cfg.sample
     if args.seconds is not None:
@@ -128,10 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         sample.sampler = args.sampler
     pretransform = load_pretransform_for(cfg).to(device).eval()
     check_pretransform(system, pretransform)
+    prompt_tokens, prompt_seconds = None, 0.0
+    if args.audio_prompt is not None:
+        try:
+            prompt_tokens = encode_audio_prompt(cfg, system, pretransform, args.audio_prompt, args.prompt_seconds)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        prompt_seconds = prompt_tokens.shape[1] / pretransform.tokens_per_second
     try:
-        check_length(system, pretransform, sample.seconds)
+        check_length(system, pretransform, sample.seconds + prompt_seconds)
     except ValueError as err:
-        raise SystemExit(f"error: --seconds / SECONDS for {ckpt}: {err}") from None
+        what = "--seconds + the audio prompt" if prompt_tokens is not None else "--seconds / SECONDS"
+        raise SystemExit(f"error: {what} for {ckpt}: {err}") from None
 
     out_dir = Path(args.out) if args.out else ckpt.parent.parent / "generated" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     settings = {
@@ -145,18 +170,26 @@ def main(argv: list[str] | None = None) -> int:
         "sampler": sample.sampler,
         "seed": args.seed,
         "sample_rate": pretransform.sample_rate,
+        **({"audio_prompt": str(Path(args.audio_prompt).resolve()), "prompt_seconds": round(prompt_seconds, 4),
+            "prompt_tokens": int(prompt_tokens.shape[1]), "unconditional": prompts == [None],
+            "layout": "each wav: the prompt's VAE resynthesis, then the continuation"}
+           if prompt_tokens is not None else {}),
     }
     start = time.perf_counter()
     waves = []
     for i in range(0, len(prompts), args.batch_size):
         render = render_fn(cfg, pretransform, sample.seconds, args.seed + i)
-        waves.append(render(system, prompts[i : i + args.batch_size]))
+        batch = prompts[i : i + args.batch_size]
+        history = prompt_tokens.expand(len(batch), -1, -1) if prompt_tokens is not None else None
+        waves.append(render(system, None if batch == [None] else batch, history))
     elapsed = time.perf_counter() - start
     settings["wall_seconds"] = round(elapsed, 2)
-    paths = write_samples(out_dir, torch.cat(waves), prompts, pretransform.sample_rate, settings)
-    print(f"[generate] {len(paths)} clips of {sample.seconds:g} s in {elapsed:.1f} s → {out_dir}")
+    captions = ["" if p is None else p for p in prompts]
+    paths = write_samples(out_dir, torch.cat(waves), captions, pretransform.sample_rate, settings)
+    what = f"{prompt_seconds:g} s of {args.audio_prompt} + " if prompt_tokens is not None else ""
+    print(f"[generate] {len(paths)} clips of {what}{sample.seconds:g} s in {elapsed:.1f} s → {out_dir}")
     for path, prompt in zip(paths, prompts):
-        print(f"  {path.name}: {prompt}")
+        print(f"  {path.name}: {prompt if prompt is not None else '(unconditional continuation)'}")
     return 0
 
 

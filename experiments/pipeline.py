@@ -421,11 +421,46 @@ def check_length(system: AudioLMSystem, pretransform: MelVAEPretransform, second
         )
 
 
+@torch.no_grad()
+def encode_audio_prompt(
+    cfg: DictConfig, system: AudioLMSystem, pretransform: MelVAEPretransform, path: str | Path, seconds: float
+) -> torch.Tensor:
+    """The opening ``seconds`` of an audio file as the LM's normalised tokens (1, P, token_dim).
+
+    The clip goes through the training data's path: decoded, mixed to mono, resampled to
+    the pretransform's rate, normalised as ``data.normalize`` says, encoded to the VAE's
+    posterior mean and normalised with the LM's latent statistics.
+
+    Raises:
+        ValueError: naming the file, when it does not decode or is shorter than one token.
+    """
+    from datamodules.audio_io import AudioDecodeError, audioldm_normalize, load_audio
+
+    if not seconds > 0:
+        raise ValueError(f"PROMPT_SECONDS / --prompt-seconds must be > 0, got {seconds:g}")
+    try:
+        wave = load_audio(path, target_sr=pretransform.sample_rate, max_seconds=seconds)  # (S,)
+    except AudioDecodeError as err:
+        raise ValueError(f"audio prompt: {err}") from None
+    count = num_tokens_for(seconds, pretransform)
+    if wave.shape[0] < round(pretransform.sample_rate / pretransform.tokens_per_second):
+        raise ValueError(f"audio prompt {path} holds {wave.shape[0] / pretransform.sample_rate:.3f} s, less than one token")
+    if cfg.data.normalize == "audioldm":
+        wave = audioldm_normalize(wave)
+    wave_t = torch.from_numpy(wave)[None].to(system.device)
+    pretransform.to(system.device)
+    mean, _, token_mask = pretransform.encode_moments(wave_t)
+    tokens = mean[:, : min(count, int(token_mask[0].sum()))]
+    return ((tokens - system.latent_mean) / system.latent_std).float()
+
+
 def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float, generator_seed: int):
     """``render(system, captions) -> waves (B, S)``: generate tokens, denormalise, decode to audio."""
     sample = cfg.sample
 
-    def render(system: AudioLMSystem, captions: list[str]) -> torch.Tensor:
+    def render(system: AudioLMSystem, captions: list[str] | None, prompt_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """-> waves (B, S); with ``prompt_tokens`` (B, P, D) the wave holds the prompt's
+        resynthesis followed by ``seconds`` of continuation (captions None: unconditional)."""
         num_tokens = num_tokens_for(seconds, pretransform)
         generator = torch.Generator(device=system.device).manual_seed(generator_seed)
         use_bf16 = resolve_precision(cfg.trainer.precision).startswith("bf16")
@@ -434,7 +469,7 @@ def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float,
             tokens = system.generate_tokens(
                 captions, num_tokens, cfg_scale=sample.cfg_scale, temperature=sample.temperature,
                 num_steps=sample.steps, sampler=sample.sampler, cfg_schedule=sample.cfg_schedule,
-                cfg_rescale=sample.cfg_rescale, generator=generator,
+                cfg_rescale=sample.cfg_rescale, generator=generator, prompt_tokens=prompt_tokens,
             )
         latents = system.denormalize(tokens.float())
         pretransform.to(system.device)

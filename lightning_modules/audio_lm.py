@@ -483,7 +483,7 @@ class AudioLMSystem(L.LightningModule):
     @torch.no_grad()
     def generate_tokens(
         self,
-        captions: list[str],
+        captions: list[str] | None,
         num_tokens: int,
         cfg_scale: float | None = None,
         temperature: float | None = None,
@@ -492,12 +492,14 @@ class AudioLMSystem(L.LightningModule):
         sampler: str | None = None,
         cfg_schedule: str | None = None,
         cfg_rescale: float | None = None,
+        prompt_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Autoregressive sampling with the KV cache: NTP inference (target = current + 1),
-        for NTP and MNTP models alike.
+        for NTP and MNTP models alike; optionally continuing an audio prompt.
 
         Args:
-            captions: B prompts.
+            captions: B prompts; None: unconditional (the null prefix, no guidance) —
+                then ``prompt_tokens`` gives the batch size.
             num_tokens: N tokens to generate (25 per second with the AudioLDM VAE).
             cfg_scale: classifier-free guidance scale on the predicted noise (1 = none).
             temperature: scales the per-step noise of the diffusion sampler.
@@ -510,9 +512,14 @@ class AudioLMSystem(L.LightningModule):
                 as in MAR); default: ``sample.cfg_schedule``.
             cfg_rescale: guidance rescale φ in [0, 1] (``DiffusionHead.predict``; default:
                 ``sample.cfg_rescale``).
+            prompt_tokens: (B, P, token_dim) normalised tokens of an audio prompt (audio
+                continuation): they are run through the KV cache after the text prefix as
+                forced history, and generation continues at position P. The guidance
+                schedule runs over the N new tokens.
 
         Returns:
-            tokens (B, N, token_dim) in the normalised latent space.
+            tokens (B, P + N, token_dim) in the normalised latent space: the prompt tokens
+            unchanged, then the N generated ones (P = 0 without a prompt).
         """
         sample_cfg = self.cfg.sample
         cfg_scale = float(sample_cfg.cfg_scale if cfg_scale is None else cfg_scale)
@@ -522,30 +529,47 @@ class AudioLMSystem(L.LightningModule):
         if not 0.0 <= cfg_rescale <= 1.0:
             raise ValueError(f"sample.cfg_rescale must be in [0, 1], got {cfg_rescale}")
         temperature = float(sample_cfg.temperature if temperature is None else temperature)
-        if num_tokens > self.decoder.max_tokens:
-            raise ValueError(f"num_tokens={num_tokens} exceeds model.max_tokens={self.decoder.max_tokens}")
-        batch_size = len(captions)
-        guided = cfg_scale != 1.0
-        prefix, prefix_mask = self.encode_text(captions)
+        num_prompt = 0 if prompt_tokens is None else int(prompt_tokens.shape[1])
+        if num_prompt + num_tokens > self.decoder.max_tokens:
+            raise ValueError(
+                f"{num_prompt} prompt + {num_tokens} new tokens exceed model.max_tokens={self.decoder.max_tokens}"
+                if num_prompt else f"num_tokens={num_tokens} exceeds model.max_tokens={self.decoder.max_tokens}"
+            )
+        if captions is None:
+            if prompt_tokens is None:
+                raise ValueError("unconditional generation (captions=None) needs prompt_tokens to continue")
+            batch_size, guided = int(prompt_tokens.shape[0]), False
+            prefix, prefix_mask = self.null_text(batch_size)
+        else:
+            batch_size, guided = len(captions), cfg_scale != 1.0
+            prefix, prefix_mask = self.encode_text(captions)
+        if prompt_tokens is not None and tuple(prompt_tokens.shape[::2]) != (batch_size, self.token_dim):
+            raise ValueError(f"prompt_tokens must be ({batch_size}, P, {self.token_dim}), got {tuple(prompt_tokens.shape)}")
         if guided:  # conditional rows first, unconditional rows second, one batch
             null_prefix, null_mask = self.null_text(batch_size)
             prefix = torch.cat([prefix, null_prefix.to(prefix.dtype)])
             prefix_mask = torch.cat([prefix_mask, null_mask])
         rows = prefix.shape[0]
-        cache = self.decoder.make_cache(rows, prefix.shape[1] + 1 + num_tokens, self.device, prefix.dtype)
+        cache = self.decoder.make_cache(rows, prefix.shape[1] + 1 + num_prompt + num_tokens, self.device, prefix.dtype)
         z = self.decoder.prefill(prefix, prefix_mask, cache, target_id=0)  # (rows, W)
+        for j in range(num_prompt):  # forced history: the prompt's tokens, as if generated
+            x = prompt_tokens[:, j].to(self.device, prefix.dtype)
+            z = self.decoder.step(torch.cat([x, x]) if guided else x, position_id=j, target_id=j + 1, cache=cache)
         out = torch.empty(batch_size, num_tokens, self.token_dim, device=self.device)
         for i in range(num_tokens):
             z_cond, z_uncond = (z[:batch_size], z[batch_size:]) if guided else (z, None)
             x = self.head.sample(
-                z_cond, z_uncond, cfg_scale=token_scales[i], temperature=temperature, num_steps=num_steps,
-                sampler=sampler, generator=generator, cfg_rescale=cfg_rescale,
+                z_cond, z_uncond, cfg_scale=token_scales[i] if guided else 1.0, temperature=temperature,
+                num_steps=num_steps, sampler=sampler, generator=generator, cfg_rescale=cfg_rescale,
             )  # (B, token_dim)
             out[:, i] = x.float()
             if i + 1 < num_tokens:
                 step_in = torch.cat([x, x]) if guided else x
-                z = self.decoder.step(step_in.to(prefix.dtype), position_id=i, target_id=i + 1, cache=cache)
-        return out
+                position = num_prompt + i
+                z = self.decoder.step(step_in.to(prefix.dtype), position_id=position, target_id=position + 1, cache=cache)
+        if prompt_tokens is None:
+            return out
+        return torch.cat([prompt_tokens.to(out.device, out.dtype), out], dim=1)
 
     def forward(self, captions: list[str], num_tokens: int, **kwargs) -> torch.Tensor:
         """Inference: ``generate_tokens``."""

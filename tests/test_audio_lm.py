@@ -143,10 +143,14 @@ def test_training_loss_falls_when_overfitting_a_batch(sp_model):
     assert last < 0.6 * first, (first, last)
 
 
-def _naive_generate(system: AudioLMSystem, captions, num_tokens, sample_fn):
-    """Recompute the full forward at every step (no cache)."""
-    prefix, prefix_mask = system.encode_text(captions)
-    tokens = torch.zeros(len(captions), 0, system.token_dim)
+def _naive_generate(system: AudioLMSystem, captions, num_tokens, sample_fn, history=None):
+    """Recompute the full forward at every step (no cache), after an optional forced
+    ``history`` (B, P, D); captions None: the null prefix."""
+    if captions is None:
+        prefix, prefix_mask = system.null_text(history.shape[0])
+    else:
+        prefix, prefix_mask = system.encode_text(captions)
+    tokens = history if history is not None else torch.zeros(len(captions), 0, system.token_dim)
     for i in range(num_tokens):
         z = system.decoder(prefix, prefix_mask, tokens)  # plain NTP ids
         x = sample_fn(z[:, -1])
@@ -165,6 +169,37 @@ def test_kv_cache_generation_equals_full_recomputation(sp_model, monkeypatch, ta
         cached = system.generate_tokens(captions, 10, cfg_scale=1.0)
         naive = _naive_generate(system, captions, 10, sample_fn)
     torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("captions", [CAPTIONS[:3], None], ids=["captioned", "unconditional"])
+def test_continuation_keeps_the_prompt_and_equals_generation_after_forced_history(sp_model, monkeypatch, captions):
+    system = make_system(sp_model).eval()
+    proj = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 0.3
+    sample_fn = lambda z: torch.tanh(z @ proj)  # deterministic stand-in for the diffusion sampler
+    monkeypatch.setattr(system.head, "sample", lambda z_cond, z_uncond=None, **kw: sample_fn(z_cond))
+    prompt = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        continued = system.generate_tokens(captions, 6, cfg_scale=1.0, prompt_tokens=prompt)
+        naive = _naive_generate(system, captions, 6, sample_fn, history=prompt)
+    assert continued.shape == (3, 10, 8)
+    assert torch.equal(continued[:, :4], prompt)  # the prompt comes back unchanged
+    torch.testing.assert_close(continued, naive, atol=1e-4, rtol=1e-4)
+    unprompted = system.generate_tokens(captions or [""] * 3, 6, cfg_scale=1.0)
+    assert not torch.allclose(continued[:, 4:], unprompted, atol=1e-3)  # the history is used
+
+
+def test_continuation_with_guidance_and_bad_prompts(sp_model):
+    system = make_system(sp_model).eval()  # model.max_tokens=12
+    prompt = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    out = system.generate_tokens(CAPTIONS[:2], 7, cfg_scale=3.0, prompt_tokens=prompt,
+                                 generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 12, 8) and torch.equal(out[:, :5], prompt) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="5 prompt \\+ 8 new tokens exceed model.max_tokens=12"):
+        system.generate_tokens(CAPTIONS[:2], 8, prompt_tokens=prompt)
+    with pytest.raises(ValueError, match="prompt_tokens must be \\(2, P, 8\\)"):
+        system.generate_tokens(CAPTIONS[:2], 2, prompt_tokens=prompt[:, :, :4])
+    with pytest.raises(ValueError, match="needs prompt_tokens"):
+        system.generate_tokens(None, 2)
 
 
 def test_generation_is_seeded_and_guidance_batches_rows(sp_model):

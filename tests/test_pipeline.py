@@ -109,6 +109,37 @@ def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
     assert not (tmp_path / "too_long").exists()
 
 
+def test_generate_cli_continues_an_audio_prompt(demo_run, tmp_path):
+    """`make generate AUDIO_PROMPT=clip.wav`: the wav is the prompt's resynthesis followed by the
+    continuation; samples.json records what was given; a clip that does not decode is refused."""
+    import soundfile as sf
+
+    root, run_dir = demo_run
+    clip = sorted((root / "data" / "synthetic").rglob("*.wav"))[0]
+    out = tmp_path / "continued"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--runs", str(root / "runs"), "--audio-prompt", str(clip),
+         "--prompt-seconds", "0.4", "--seconds", "0.8", "--steps", "3", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    listing = json.loads((out / "samples.json").read_text())
+    settings = listing["settings"]
+    assert settings["audio_prompt"] == str(clip.resolve()) and settings["unconditional"] is True
+    assert settings["prompt_tokens"] == 10 and settings["prompt_seconds"] == 0.4  # 25 tokens per second
+    wave, rate = sf.read(out / listing["samples"][0]["file"])
+    assert len(wave) == round((0.4 + 0.8) * rate)  # prompt + continuation
+
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not audio at all")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--runs", str(root / "runs"), "--audio-prompt",
+         str(tmp_path / "broken.wav"), "--prompt", "white noise", "--out", str(tmp_path / "never")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "audio prompt: cannot decode audio file" in result.stderr
+    assert "broken.wav" in result.stderr and "Traceback" not in result.stderr and not (tmp_path / "never").exists()
+
+
 def test_generate_cli_without_prompt_or_checkpoint_fails_clearly(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.generate", "--runs", str(tmp_path), "--prompt", "x"],
