@@ -305,7 +305,7 @@ def test_consecutive_nan_steps_stop_the_run_with_a_message(sp_model, tmp_path):
     (["--prompt", "x", "--seconds", "-2"], "--seconds / SECONDS=-2 must be > 0"),
     (["--prompt", "x", "--seconds", "nan"], "--seconds / SECONDS=nan must be > 0"),
     (["--prompt", "x", "--cfg-rescale", "1.5"], "must be in [0, 1]"),
-    (["--prompt", "x", "--sampler", "euler"], "SAMPLER='euler' is not one of ddpm, ddim"),
+    (["--prompt", "x", "--sampler", "euler"], "SAMPLER='euler' is not one of ddpm, ddim, dpmpp"),
 ])
 def test_generate_refuses_bad_settings_before_loading_anything(args, message, tmp_path):
     from experiments import generate

@@ -14,8 +14,12 @@
   The variance is *fixed* (the posterior variance ``beta_tilde``, "fixed small"); MAR
   learns it, which matters little at 100 steps once the first step is made safe (below).
 * Sampling: the T-step chain is respaced to ``num_steps`` evenly spaced timesteps
-  (IDDPM's ``space_timesteps``: round(linspace(0, T-1, n))). DDPM ancestral (default) or
-  DDIM (``ddim_eta``, 0 = deterministic).
+  (IDDPM's ``space_timesteps``: round(linspace(0, T-1, n))). DDPM ancestral (default),
+  DDIM (``ddim_eta``, 0 = deterministic), or DPM-Solver++(2M) (``dpmpp``; Lu et al. 2022:
+  the multistep second-order solver of the probability-flow ODE in data prediction,
+  first order at the first and last step, deterministic; equal to diffusers'
+  ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+  final_sigmas_type="zero")`` on the same timesteps, which a test checks).
 
 The first-step pitfall (DESIGN.md): respacing 1000 -> 100 makes the first reverse step's
 beta ~ 0.99999 (alpha_bar drops from 2.4e-4 to 2.4e-9), and the epsilon-form posterior
@@ -36,7 +40,7 @@ import math
 import torch
 import torch.nn as nn
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
 PREDICTIONS = ("eps", "v")
 
 
@@ -286,6 +290,16 @@ class DiffusionHead(nn.Module):
             guided = cfg_rescale * rescaled + (1 - cfg_rescale) * guided
         return guided
 
+    def respaced(self, num_steps: int) -> list[dict]:
+        """:func:`respace` of this head's schedule, computed once per step count (not per token)."""
+        cache = self.__dict__.setdefault("_respaced", {})
+        if num_steps not in cache:
+            steps = respace(self.alphas_cumprod, num_steps)
+            for st in steps:  # log-SNR, for DPM-Solver++
+                st["lambda"] = 0.5 * math.log(st["abar"] / (1 - st["abar"]))
+            cache[num_steps] = steps
+        return cache[num_steps]
+
     @torch.no_grad()
     def sample(self, z_cond: torch.Tensor, z_uncond: torch.Tensor | None = None, cfg_scale: float = 1.0,
                temperature: float = 1.0, num_steps: int | None = None, sampler: str | None = None,
@@ -297,9 +311,9 @@ class DiffusionHead(nn.Module):
             z_uncond: (B, cond_dim) outputs for the null text prefix, or None (no CFG).
             cfg_scale: s in eps = eps_u + s (eps_c - eps_u); 1 = conditional only.
             temperature: scales the per-step noise (MAR style; the initial x_T is N(0, I)).
-                No effect on DDIM with eta = 0.
+                No effect on DDIM with eta = 0 or on DPM-Solver++ (deterministic).
             num_steps: respaced steps (default ``num_sample_steps``).
-            sampler: "ddpm" or "ddim" (default ``self.sampler``).
+            sampler: "ddpm", "ddim" or "dpmpp" (default ``self.sampler``).
             generator: torch.Generator on z's device, for reproducible noise.
             cfg_rescale: guidance rescale φ (``predict``); 0 = plain CFG.
         Returns:
@@ -308,14 +322,15 @@ class DiffusionHead(nn.Module):
         sampler = sampler or self.sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        steps = respace(self.alphas_cumprod, num_steps or self.num_sample_steps)
+        steps = self.respaced(num_steps or self.num_sample_steps)
         B, device = z_cond.shape[0], z_cond.device
 
         def noise() -> torch.Tensor:
             return torch.randn(B, self.token_dim, device=device, dtype=torch.float32, generator=generator)
 
         x = noise()  # x_T ~ N(0, I)
-        for st in steps:
+        x0_prev = None
+        for i, st in enumerate(steps):
             out = self.predict(x, st["t"], z_cond, z_uncond, cfg_scale, cfg_rescale)
             if self.prediction == "eps":
                 x0 = (x - math.sqrt(1 - st["abar"]) * out) / math.sqrt(st["abar"])
@@ -323,8 +338,21 @@ class DiffusionHead(nn.Module):
                 x0 = math.sqrt(st["abar"]) * x - math.sqrt(1 - st["abar"]) * out
             if self.clip_x0 is not None:
                 x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-            last = st["t"] == steps[-1]["t"]
-            if sampler == "ddpm":
+            last = i == len(steps) - 1
+            if sampler == "dpmpp":
+                if last:  # to sigma = 0: the solution is the data prediction itself
+                    x = x0
+                else:
+                    lam, lam_next = st["lambda"], steps[i + 1]["lambda"]
+                    h = lam_next - lam
+                    d = x0
+                    if x0_prev is not None:  # second order from the previous data prediction
+                        r = (lam - steps[i - 1]["lambda"]) / h
+                        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+                    sigma, sigma_next = math.sqrt(1 - st["abar"]), math.sqrt(1 - steps[i + 1]["abar"])
+                    x = (sigma_next / sigma) * x - math.sqrt(steps[i + 1]["abar"]) * math.expm1(-h) * d
+                x0_prev = x0
+            elif sampler == "ddpm":
                 x = st["c_x0"] * x0 + st["c_xt"] * x  # posterior mean of q(x_{t-1} | x_t, x0)
                 if not last:
                     x = x + (math.sqrt(st["var"]) * temperature) * noise()
