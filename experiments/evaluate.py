@@ -568,7 +568,8 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
         lm_cfg = OmegaConf.merge(lm_cfg, parse_overrides(sample_overrides))
     pretransform = load_pretransform_for(lm_cfg).to(device).eval()
     check_pretransform(system, pretransform)
-    check_length(system, pretransform, seconds)
+    if note := check_length(system, pretransform, seconds):
+        log(note)
 
     def render_batch(captions: list[str], batch_index: int) -> torch.Tensor:
         return render_fn(lm_cfg, pretransform, seconds, int(cfg.eval.seed) + batch_index)(system, captions)

@@ -152,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
         prompt_seconds = prompt_tokens.shape[1] / pretransform.tokens_per_second
-    try:
-        check_length(system, pretransform, sample.seconds + prompt_seconds)
-    except ValueError as err:
-        what = "--seconds + the audio prompt" if prompt_tokens is not None else "--seconds / SECONDS"
-        raise SystemExit(f"error: {what} for {ckpt}: {err}") from None
+    note = check_length(system, pretransform, sample.seconds + prompt_seconds)
+    if note:
+        print(f"[generate] {note}")
+    if prompt_tokens is not None and prompt_tokens.shape[1] >= system.decoder.max_tokens:
+        raise SystemExit(f"error: --prompt-seconds: the audio prompt ({prompt_seconds:g} s) fills the model's whole "
+                         f"context (model.max_tokens={system.decoder.max_tokens}); give a shorter one")
 
     out_dir = Path(args.out) if args.out else ckpt.parent.parent / "generated" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     settings = {

@@ -411,14 +411,18 @@ def num_tokens_for(seconds: float, pretransform: MelVAEPretransform) -> int:
     return max(1, round(seconds * pretransform.tokens_per_second))
 
 
-def check_length(system: AudioLMSystem, pretransform: MelVAEPretransform, seconds: float) -> None:
-    """Refuse a generation length beyond the checkpoint's ``model.max_tokens``, naming the limit in seconds."""
+def check_length(system: AudioLMSystem, pretransform: MelVAEPretransform, seconds: float) -> str | None:
+    """How ``seconds`` of audio fit the checkpoint's context: None when within
+    ``model.max_tokens``, else a note on the sliding window that generates them."""
     tokens, limit = num_tokens_for(seconds, pretransform), system.decoder.max_tokens
-    if tokens > limit:
-        raise ValueError(
-            f"{seconds:g} s needs {tokens} tokens, but the checkpoint was trained with model.max_tokens={limit}: "
-            f"at most {limit / pretransform.tokens_per_second:g} s"
-        )
+    if tokens <= limit:
+        return None
+    overlap = float(system.cfg.sample.get("window_overlap", 0.75))
+    keep = max(1, min(limit - 1, round(overlap * limit)))
+    tps = pretransform.tokens_per_second
+    return (f"{seconds:g} s needs {tokens} tokens, beyond the checkpoint's context (model.max_tokens={limit}, "
+            f"{limit / tps:g} s): generated with a sliding window that keeps the newest {keep} tokens "
+            f"({keep / tps:g} s, sample.window_overlap={overlap:g}) at each shift")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
@@ -493,6 +493,7 @@ class AudioLMSystem(L.LightningModule):
         cfg_schedule: str | None = None,
         cfg_rescale: float | None = None,
         prompt_tokens: torch.Tensor | None = None,
+        window_overlap: float | None = None,
     ) -> torch.Tensor:
         """Autoregressive sampling with the KV cache: NTP inference (target = current + 1),
         for NTP and MNTP models alike; optionally continuing an audio prompt.
@@ -516,6 +517,9 @@ class AudioLMSystem(L.LightningModule):
                 continuation): they are run through the KV cache after the text prefix as
                 forced history, and generation continues at position P. The guidance
                 schedule runs over the N new tokens.
+            window_overlap: long-form generation beyond ``model.max_tokens`` (see
+                :meth:`iter_tokens`): the fraction of the context kept at each window shift
+                (default ``sample.window_overlap``).
 
         Returns:
             tokens (B, P + N, token_dim) in the normalised latent space: the prompt tokens
@@ -529,19 +533,53 @@ class AudioLMSystem(L.LightningModule):
         if not 0.0 <= cfg_rescale <= 1.0:
             raise ValueError(f"sample.cfg_rescale must be in [0, 1], got {cfg_rescale}")
         temperature = float(sample_cfg.temperature if temperature is None else temperature)
+        window_overlap = float(sample_cfg.get("window_overlap", 0.75) if window_overlap is None else window_overlap)
+        if not 0.0 < window_overlap < 1.0:
+            raise ValueError(f"sample.window_overlap must be in (0, 1), got {window_overlap}")
+        new = [x for x in self.iter_tokens(
+            captions, num_tokens, token_scales, temperature, num_steps, generator, sampler, cfg_rescale, prompt_tokens,
+            window_overlap,
+        )]
+        out = torch.stack(new, dim=1) if new else torch.empty(len(captions or prompt_tokens), 0, self.token_dim, device=self.device)
+        if prompt_tokens is None:
+            return out
+        return torch.cat([prompt_tokens.to(out.device, out.dtype), out], dim=1)
+
+    @torch.no_grad()
+    def iter_tokens(
+        self,
+        captions: list[str] | None,
+        num_tokens: int,
+        token_scales: list[float],
+        temperature: float,
+        num_steps: int | None,
+        generator: torch.Generator | None,
+        sampler: str | None,
+        cfg_rescale: float,
+        prompt_tokens: torch.Tensor | None,
+        window_overlap: float,
+    ) -> Iterator[torch.Tensor]:
+        """The sampling loop of :meth:`generate_tokens` as an iterator: yields each new
+        token (B, token_dim) float32 as soon as it is sampled (streaming consumers decode
+        while the rest is generated). Arguments as resolved by :meth:`generate_tokens`.
+
+        Long-form: the decoder's positions end at ``model.max_tokens``. When the context
+        is full, the newest ``window_overlap`` fraction of it is kept: the KV cache is
+        refilled with the text prefix and those tokens at positions 0…K-1, and sampling
+        continues at position K (one refill every ``max_tokens - K`` tokens).
+        """
+        limit = self.decoder.max_tokens
+        keep = max(1, min(limit - 1, int(round(window_overlap * limit))))
         num_prompt = 0 if prompt_tokens is None else int(prompt_tokens.shape[1])
-        if num_prompt + num_tokens > self.decoder.max_tokens:
-            raise ValueError(
-                f"{num_prompt} prompt + {num_tokens} new tokens exceed model.max_tokens={self.decoder.max_tokens}"
-                if num_prompt else f"num_tokens={num_tokens} exceeds model.max_tokens={self.decoder.max_tokens}"
-            )
+        if num_prompt >= limit:
+            raise ValueError(f"the audio prompt has {num_prompt} tokens; the model's context is model.max_tokens={limit}")
         if captions is None:
             if prompt_tokens is None:
                 raise ValueError("unconditional generation (captions=None) needs prompt_tokens to continue")
             batch_size, guided = int(prompt_tokens.shape[0]), False
             prefix, prefix_mask = self.null_text(batch_size)
         else:
-            batch_size, guided = len(captions), cfg_scale != 1.0
+            batch_size, guided = len(captions), any(scale != 1.0 for scale in token_scales)
             prefix, prefix_mask = self.encode_text(captions)
         if prompt_tokens is not None and tuple(prompt_tokens.shape[::2]) != (batch_size, self.token_dim):
             raise ValueError(f"prompt_tokens must be ({batch_size}, P, {self.token_dim}), got {tuple(prompt_tokens.shape)}")
@@ -549,27 +587,40 @@ class AudioLMSystem(L.LightningModule):
             null_prefix, null_mask = self.null_text(batch_size)
             prefix = torch.cat([prefix, null_prefix.to(prefix.dtype)])
             prefix_mask = torch.cat([prefix_mask, null_mask])
-        rows = prefix.shape[0]
-        cache = self.decoder.make_cache(rows, prefix.shape[1] + 1 + num_prompt + num_tokens, self.device, prefix.dtype)
-        z = self.decoder.prefill(prefix, prefix_mask, cache, target_id=0)  # (rows, W)
-        for j in range(num_prompt):  # forced history: the prompt's tokens, as if generated
-            x = prompt_tokens[:, j].to(self.device, prefix.dtype)
-            z = self.decoder.step(torch.cat([x, x]) if guided else x, position_id=j, target_id=j + 1, cache=cache)
-        out = torch.empty(batch_size, num_tokens, self.token_dim, device=self.device)
+        cache = self.decoder.make_cache(
+            prefix.shape[0], prefix.shape[1] + 1 + min(limit, num_prompt + num_tokens), self.device, prefix.dtype
+        )
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # (B, D) -> the decoder's rows
+            x = x.to(self.device, prefix.dtype)
+            return torch.cat([x, x]) if guided else x
+
+        def refill(window: torch.Tensor | None) -> torch.Tensor:
+            """Prefix + BOS + ``window`` (B, K, D) at positions 0..K-1 into the cache -> z predicting K."""
+            z = self.decoder.prefill(prefix, prefix_mask, cache, target_id=0)  # (rows, W)
+            for j in range(0 if window is None else window.shape[1]):  # forced history
+                z = self.decoder.step(rows(window[:, j]), position_id=j, target_id=j + 1, cache=cache)
+            return z
+
+        z = refill(prompt_tokens)
+        position = num_prompt  # the next token's position in the current window
+        recent = [prompt_tokens[:, j].float() for j in range(num_prompt)][-keep:]  # (B, D) each, for a refill
         for i in range(num_tokens):
             z_cond, z_uncond = (z[:batch_size], z[batch_size:]) if guided else (z, None)
             x = self.head.sample(
                 z_cond, z_uncond, cfg_scale=token_scales[i] if guided else 1.0, temperature=temperature,
                 num_steps=num_steps, sampler=sampler, generator=generator, cfg_rescale=cfg_rescale,
-            )  # (B, token_dim)
-            out[:, i] = x.float()
-            if i + 1 < num_tokens:
-                step_in = torch.cat([x, x]) if guided else x
-                position = num_prompt + i
-                z = self.decoder.step(step_in.to(prefix.dtype), position_id=position, target_id=position + 1, cache=cache)
-        if prompt_tokens is None:
-            return out
-        return torch.cat([prompt_tokens.to(out.device, out.dtype), out], dim=1)
+            ).float()  # (B, token_dim)
+            yield x
+            if i + 1 == num_tokens:
+                break
+            recent = (recent + [x])[-keep:]
+            if position + 1 < limit:
+                z = self.decoder.step(rows(x), position_id=position, target_id=position + 1, cache=cache)
+                position += 1
+            else:  # the window is full: keep its newest `keep` tokens
+                z = refill(torch.stack(recent, dim=1))
+                position = len(recent)
 
     def forward(self, captions: list[str], num_tokens: int, **kwargs) -> torch.Tensor:
         """Inference: ``generate_tokens``."""

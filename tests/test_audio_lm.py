@@ -188,14 +188,46 @@ def test_continuation_keeps_the_prompt_and_equals_generation_after_forced_histor
     assert not torch.allclose(continued[:, 4:], unprompted, atol=1e-3)  # the history is used
 
 
+def _naive_sliding_generate(system: AudioLMSystem, captions, num_tokens, sample_fn, keep):
+    """Full recomputation over a window that, once it holds model.max_tokens tokens, is cut
+    to its newest ``keep`` (renumbered from position 0)."""
+    prefix, prefix_mask = system.encode_text(captions)
+    window = torch.zeros(len(captions), 0, system.token_dim)
+    out = []
+    for _ in range(num_tokens):
+        x = sample_fn(system.decoder(prefix, prefix_mask, window)[:, -1])
+        out.append(x)
+        window = torch.cat([window, x[:, None]], dim=1)
+        if window.shape[1] == system.decoder.max_tokens:
+            window = window[:, -keep:]
+    return torch.stack(out, dim=1)
+
+
+def test_long_form_sliding_window_equals_full_context_within_it_and_recomputation_beyond(sp_model, monkeypatch):
+    system = make_system(sp_model).eval()  # model.max_tokens=12
+    proj = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 0.3
+    sample_fn = lambda z: torch.tanh(z @ proj)  # noqa: E731 — deterministic stand-in for the diffusion sampler
+    monkeypatch.setattr(system.head, "sample", lambda z_cond, z_uncond=None, **kw: sample_fn(z_cond))
+    captions = CAPTIONS[:2]
+    with torch.no_grad():
+        within = system.generate_tokens(captions, 12, cfg_scale=1.0)
+        long = system.generate_tokens(captions, 30, cfg_scale=1.0, window_overlap=0.5)  # keep 6 of 12
+        naive = _naive_sliding_generate(system, captions, 30, sample_fn, keep=6)
+    assert long.shape == (2, 30, 8)
+    torch.testing.assert_close(long[:, :12], within, atol=1e-5, rtol=1e-5)  # within the window: full context
+    torch.testing.assert_close(long, naive, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="window_overlap must be in \\(0, 1\\)"):
+        system.generate_tokens(captions, 3, window_overlap=1.0)
+
+
 def test_continuation_with_guidance_and_bad_prompts(sp_model):
     system = make_system(sp_model).eval()  # model.max_tokens=12
     prompt = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
     out = system.generate_tokens(CAPTIONS[:2], 7, cfg_scale=3.0, prompt_tokens=prompt,
                                  generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 12, 8) and torch.equal(out[:, :5], prompt) and torch.isfinite(out).all()
-    with pytest.raises(ValueError, match="5 prompt \\+ 8 new tokens exceed model.max_tokens=12"):
-        system.generate_tokens(CAPTIONS[:2], 8, prompt_tokens=prompt)
+    with pytest.raises(ValueError, match="the audio prompt has 12 tokens; the model's context is model.max_tokens=12"):
+        system.generate_tokens(CAPTIONS[:2], 8, prompt_tokens=torch.randn(2, 12, 8))
     with pytest.raises(ValueError, match="prompt_tokens must be \\(2, P, 8\\)"):
         system.generate_tokens(CAPTIONS[:2], 2, prompt_tokens=prompt[:, :, :4])
     with pytest.raises(ValueError, match="needs prompt_tokens"):
@@ -210,8 +242,10 @@ def test_generation_is_seeded_and_guidance_batches_rows(sp_model):
     c = system.generate_tokens(captions, 6, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
     assert a.shape == (2, 6, 8) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(ValueError, match="max_tokens"):
-        system.generate_tokens(captions, 13)
+    long = system.generate_tokens(captions, 13, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert long.shape == (2, 13, 8) and torch.isfinite(long).all()  # beyond max_tokens=12: sliding window
+    with pytest.raises(ValueError, match="window_overlap"):
+        system.generate_tokens(captions, 13, window_overlap=1.0)
 
 
 def test_checkpoint_round_trip_keeps_tokenizer_and_stats(sp_model, tmp_path):
