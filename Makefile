@@ -20,6 +20,7 @@ SECONDS ?=
 CFG ?=
 STEPS ?=
 SAMPLER ?=
+STREAM ?=
 AUDIO_PROMPT ?=
 PROMPT_SECONDS ?=
 TEMPERATURE ?=
@@ -58,12 +59,12 @@ train: $(STAMP) ## Train an experiment: make train [EXP=demo] [ARGS="key=value .
 cache: $(STAMP) ## Encode an experiment's manifest into its latent cache (resumable)
 	$(PY) -m experiments.cache $(EXP) $(ARGS)
 
-generate: $(STAMP) ## Generate audio: make generate [CKPT=...] PROMPT="..." | PROMPTS=file.txt [SECONDS= CFG= CFG_SCHEDULE= CFG_RESCALE= STEPS= SAMPLER= TEMPERATURE= SEED= OUT=] [AUDIO_PROMPT=clip.wav PROMPT_SECONDS=1]
+generate: $(STAMP) ## Generate audio: make generate [CKPT=...] PROMPT="..." | PROMPTS=file.txt [SECONDS= CFG= CFG_SCHEDULE= CFG_RESCALE= STEPS= SAMPLER= TEMPERATURE= SEED= OUT=] [AUDIO_PROMPT=clip.wav PROMPT_SECONDS=1] [STREAM=1]
 	$(PY) -m experiments.generate \
 	  $(if $(CKPT),--ckpt "$(CKPT)") $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
 	  $(if $(SECONDS),--seconds $(SECONDS)) $(if $(CFG),--cfg $(CFG)) \
 	  $(if $(CFG_SCHEDULE),--cfg-schedule $(CFG_SCHEDULE)) $(if $(CFG_RESCALE),--cfg-rescale $(CFG_RESCALE)) $(if $(STEPS),--steps $(STEPS)) $(if $(SAMPLER),--sampler $(SAMPLER)) \
-	  $(if $(AUDIO_PROMPT),--audio-prompt "$(AUDIO_PROMPT)") $(if $(PROMPT_SECONDS),--prompt-seconds $(PROMPT_SECONDS)) \
+	  $(if $(AUDIO_PROMPT),--audio-prompt "$(AUDIO_PROMPT)") $(if $(PROMPT_SECONDS),--prompt-seconds $(PROMPT_SECONDS)) $(if $(STREAM),--stream) \
 	  $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 eval: $(STAMP) ## Evaluate a checkpoint: make eval [EXP=demo] [CKPT=...]

@@ -13,6 +13,12 @@ opening ``--prompt-seconds`` are encoded with the pretransform and run through t
 after the text prefix; the model continues for ``--seconds``. Each wav holds the prompt
 (its VAE resynthesis) followed by the continuation. Without a caption it continues
 unconditionally.
+
+Streaming (``--stream``, ``make generate STREAM=1``): audio is decoded in chunks of
+``sample.stream_chunk_tokens`` tokens while the rest is still being sampled (the same
+tokens as without it); the time to the first chunk is printed and recorded. ``--pcm
+PATH`` (``-``: stdout) also writes the chunks as they come, 16-bit mono PCM, e.g.
+``... --pcm - | aplay -f S16_LE -r 16000``; the wav files are written at the end as always.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sampler", help="reverse diffusion sampler of the head (default: the checkpoint's sample.sampler)")
     parser.add_argument("--audio-prompt", help="continue this audio file (its opening --prompt-seconds)")
     parser.add_argument("--prompt-seconds", type=float, default=1.0, help="how much of --audio-prompt to continue from (default 1)")
+    parser.add_argument("--stream", action="store_true", help="decode audio in chunks while tokens are sampled; report time to first audio")
+    parser.add_argument("--pcm", help="with --stream: also write the chunks as they come as 16-bit mono PCM to this file (-: stdout)")
     return parser.parse_args(argv)
 
 
@@ -70,6 +78,8 @@ def check_settings(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: {name}={value:g} {rule}")
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise SystemExit(f"error: --sampler / SAMPLER={args.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if args.pcm is not None and not args.stream:
+        raise SystemExit("error: --pcm writes streamed chunks; add --stream")
     if args.audio_prompt is not None and not Path(args.audio_prompt).is_file():
         raise SystemExit(f"error: --audio-prompt / AUDIO_PROMPT file {args.audio_prompt} does not exist")
 
@@ -106,13 +116,28 @@ def warn_overlong(system, prompts: list[str]) -> None:
                   "it is truncated", file=sys.stderr)
 
 
+def open_pcm(path: str | None):
+    """The binary stream ``--pcm`` writes to (``-``: stdout), or None."""
+    if path is None:
+        return None
+    return sys.stdout.buffer if path == "-" else open(path, "wb")
+
+
+def write_pcm(stream, wave: torch.Tensor) -> None:
+    """``wave (S,)`` float in [-1, 1] -> 16-bit little-endian PCM, flushed at once (a player is waiting)."""
+    stream.write((wave.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).numpy().astype("<i2").tobytes())
+    stream.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_settings(args)
+    console = sys.stderr if args.pcm == "-" else sys.stdout  # stdout carries the PCM stream then
     prompts = read_prompts(args)
     from experiments.config import config_from_container, last_run_dir
     from experiments.pipeline import (
         check_length, check_pretransform, encode_audio_prompt, load_audio_lm, load_pretransform_for, render_fn,
+        stream_fn,
     )
     from lightning_modules.callbacks import write_samples
     from lightning_modules.checkpoints import CheckpointError
@@ -154,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_seconds = prompt_tokens.shape[1] / pretransform.tokens_per_second
     note = check_length(system, pretransform, sample.seconds + prompt_seconds)
     if note:
-        print(f"[generate] {note}")
+        print(f"[generate] {note}", file=console)
     if prompt_tokens is not None and prompt_tokens.shape[1] >= system.decoder.max_tokens:
         raise SystemExit(f"error: --prompt-seconds: the audio prompt ({prompt_seconds:g} s) fills the model's whole "
                          f"context (model.max_tokens={system.decoder.max_tokens}); give a shorter one")
@@ -176,21 +201,40 @@ def main(argv: list[str] | None = None) -> int:
             "layout": "each wav: the prompt's VAE resynthesis, then the continuation"}
            if prompt_tokens is not None else {}),
     }
+    if args.stream:
+        settings["stream"] = {key: int(sample[f"stream_{key}"]) for key in ("chunk_tokens", "left_tokens", "lookahead_tokens", "crossfade_tokens")}
+    pcm = open_pcm(args.pcm)
     start = time.perf_counter()
-    waves = []
+    waves, first_audio = [], []
     for i in range(0, len(prompts), args.batch_size):
-        render = render_fn(cfg, pretransform, sample.seconds, args.seed + i)
         batch = prompts[i : i + args.batch_size]
         history = prompt_tokens.expand(len(batch), -1, -1) if prompt_tokens is not None else None
-        waves.append(render(system, None if batch == [None] else batch, history))
+        captions_or_none = None if batch == [None] else batch
+        if not args.stream:
+            waves.append(render_fn(cfg, pretransform, sample.seconds, args.seed + i)(system, captions_or_none, history))
+            continue
+        batch_start, chunks = time.perf_counter(), []
+        for chunk in stream_fn(cfg, pretransform, sample.seconds, args.seed + i)(system, captions_or_none, history):
+            if not chunks:
+                first_audio.append(time.perf_counter() - batch_start)
+                print(f"[generate] first audio of batch {i // args.batch_size + 1} after {first_audio[-1]:.2f} s "
+                      f"({chunk.shape[-1] / pretransform.sample_rate:g} s of it)", file=console)
+            chunks.append(chunk)
+            if pcm is not None:  # the batch's first clip: clips interleaved chunk by chunk would be noise
+                write_pcm(pcm, chunk[0])
+        waves.append(torch.cat(chunks, dim=1))
+    if pcm is not None and pcm is not sys.stdout.buffer:
+        pcm.close()
+    if first_audio:
+        settings["first_audio_seconds"] = [round(t, 3) for t in first_audio]
     elapsed = time.perf_counter() - start
     settings["wall_seconds"] = round(elapsed, 2)
     captions = ["" if p is None else p for p in prompts]
     paths = write_samples(out_dir, torch.cat(waves), captions, pretransform.sample_rate, settings)
     what = f"{prompt_seconds:g} s of {args.audio_prompt} + " if prompt_tokens is not None else ""
-    print(f"[generate] {len(paths)} clips of {what}{sample.seconds:g} s in {elapsed:.1f} s → {out_dir}")
+    print(f"[generate] {len(paths)} clips of {what}{sample.seconds:g} s in {elapsed:.1f} s → {out_dir}", file=console)
     for path, prompt in zip(paths, prompts):
-        print(f"  {path.name}: {prompt if prompt is not None else '(unconditional continuation)'}")
+        print(f"  {path.name}: {prompt if prompt is not None else '(unconditional continuation)'}", file=console)
     return 0
 
 

@@ -19,7 +19,7 @@ import pickle
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -43,6 +43,7 @@ from lightning_modules.checkpoints import (
 )
 from lightning_modules.mel_vae import MelVAESystem
 from lightning_modules.parts.pretransform import MelVAEPretransform
+from lightning_modules.parts.streaming import StreamingDecoder
 from lightning_modules.parts.text_conditioning import train_sentencepiece
 
 
@@ -458,28 +459,90 @@ def encode_audio_prompt(
     return ((tokens - system.latent_mean) / system.latent_std).float()
 
 
+def _sampling_kwargs(cfg: DictConfig, system: AudioLMSystem, generator_seed: int) -> dict[str, Any]:
+    """``generate_tokens`` / ``iter_tokens`` keyword arguments from ``cfg.sample`` and a seed."""
+    sample = cfg.sample
+    return dict(
+        cfg_scale=sample.cfg_scale, temperature=sample.temperature, num_steps=sample.steps, sampler=sample.sampler,
+        cfg_schedule=sample.cfg_schedule, cfg_rescale=sample.cfg_rescale,
+        generator=torch.Generator(device=system.device).manual_seed(generator_seed),
+    )
+
+
+def _autocast(cfg: DictConfig, system: AudioLMSystem):
+    """The sampling loop's autocast region (bf16 when ``trainer.precision`` says so)."""
+    use_bf16 = resolve_precision(cfg.trainer.precision).startswith("bf16")
+    return torch.autocast(device_type=system.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
 def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float, generator_seed: int):
     """``render(system, captions) -> waves (B, S)``: generate tokens, denormalise, decode to audio."""
-    sample = cfg.sample
 
     def render(system: AudioLMSystem, captions: list[str] | None, prompt_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """-> waves (B, S); with ``prompt_tokens`` (B, P, D) the wave holds the prompt's
         resynthesis followed by ``seconds`` of continuation (captions None: unconditional)."""
         num_tokens = num_tokens_for(seconds, pretransform)
-        generator = torch.Generator(device=system.device).manual_seed(generator_seed)
-        use_bf16 = resolve_precision(cfg.trainer.precision).startswith("bf16")
         # One autocast region around the whole sampling loop (entering it per step re-casts weights).
-        with torch.autocast(device_type=system.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with _autocast(cfg, system):
             tokens = system.generate_tokens(
-                captions, num_tokens, cfg_scale=sample.cfg_scale, temperature=sample.temperature,
-                num_steps=sample.steps, sampler=sample.sampler, cfg_schedule=sample.cfg_schedule,
-                cfg_rescale=sample.cfg_rescale, generator=generator, prompt_tokens=prompt_tokens,
+                captions, num_tokens, prompt_tokens=prompt_tokens, **_sampling_kwargs(cfg, system, generator_seed)
             )
         latents = system.denormalize(tokens.float())
         pretransform.to(system.device)
         return pretransform.decode(latents, normalized=False).float().cpu()
 
     return render
+
+
+def streaming_decoder(cfg: DictConfig, system: AudioLMSystem, pretransform: MelVAEPretransform) -> StreamingDecoder:
+    """A :class:`StreamingDecoder` over normalised tokens with the ``sample.stream_*`` settings."""
+    sample = cfg.sample
+    pretransform.to(system.device)
+
+    def decode(tokens: torch.Tensor) -> torch.Tensor:  # (B, n, D) normalised -> (B, n * hop) on the CPU
+        return pretransform.decode(system.denormalize(tokens.float()), normalized=False).float().cpu()
+
+    return StreamingDecoder(
+        decode, pretransform.downsampling_ratio, chunk_tokens=sample.stream_chunk_tokens,
+        left_tokens=sample.stream_left_tokens, lookahead_tokens=sample.stream_lookahead_tokens,
+        crossfade_tokens=sample.stream_crossfade_tokens,
+    )
+
+
+def stream_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float, generator_seed: int):
+    """``stream(system, captions, prompt_tokens) -> iterator of wave chunks (B, S_i)`` on the CPU.
+
+    The same tokens as :func:`render_fn` with the same seed (one sampling loop,
+    :meth:`AudioLMSystem.iter_tokens`), decoded in chunks while the rest is sampled; the
+    chunks concatenate to the one-shot wave's length. With ``prompt_tokens`` the prompt's
+    resynthesis streams first.
+    """
+
+    def stream(
+        system: AudioLMSystem, captions: list[str] | None, prompt_tokens: torch.Tensor | None = None
+    ) -> Iterator[torch.Tensor]:
+        decoder = streaming_decoder(cfg, system, pretransform)
+        for j in range(0 if prompt_tokens is None else prompt_tokens.shape[1]):
+            chunk = decoder.push(prompt_tokens[:, j].to(system.device).float())
+            if chunk is not None:
+                yield chunk
+        tokens = system.iter_tokens(
+            captions, num_tokens_for(seconds, pretransform), prompt_tokens=prompt_tokens,
+            **_sampling_kwargs(cfg, system, generator_seed),
+        )
+        while True:
+            with _autocast(cfg, system):  # around each token only: the consumer's code runs outside it
+                token = next(tokens, None)
+            if token is None:
+                break
+            chunk = decoder.push(token)
+            if chunk is not None:
+                yield chunk
+        rest = decoder.flush()
+        if rest is not None:
+            yield rest
+
+    return stream
 
 
 def cache_captions(cache: LatentCache, split: str, first_only: bool = False) -> list[str]:

@@ -518,12 +518,41 @@ class AudioLMSystem(L.LightningModule):
                 forced history, and generation continues at position P. The guidance
                 schedule runs over the N new tokens.
             window_overlap: long-form generation beyond ``model.max_tokens`` (see
-                :meth:`iter_tokens`): the fraction of the context kept at each window shift
+                :meth:`_sampling_loop`): the fraction of the context kept at each window shift
                 (default ``sample.window_overlap``).
 
         Returns:
             tokens (B, P + N, token_dim) in the normalised latent space: the prompt tokens
             unchanged, then the N generated ones (P = 0 without a prompt).
+        """
+        new = list(self.iter_tokens(
+            captions, num_tokens, cfg_scale=cfg_scale, temperature=temperature, num_steps=num_steps,
+            generator=generator, sampler=sampler, cfg_schedule=cfg_schedule, cfg_rescale=cfg_rescale,
+            prompt_tokens=prompt_tokens, window_overlap=window_overlap,
+        ))
+        out = torch.stack(new, dim=1) if new else torch.empty(len(captions or prompt_tokens), 0, self.token_dim, device=self.device)
+        if prompt_tokens is None:
+            return out
+        return torch.cat([prompt_tokens.to(out.device, out.dtype), out], dim=1)
+
+    def iter_tokens(
+        self,
+        captions: list[str] | None,
+        num_tokens: int,
+        cfg_scale: float | None = None,
+        temperature: float | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        cfg_schedule: str | None = None,
+        cfg_rescale: float | None = None,
+        prompt_tokens: torch.Tensor | None = None,
+        window_overlap: float | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`generate_tokens` as an iterator (the streaming API): yields each of the N
+        new tokens, (B, token_dim) float32 normalised, as soon as it is sampled; the same
+        arguments, and the same tokens for the same generator. Settings are checked here,
+        before the first token.
         """
         sample_cfg = self.cfg.sample
         cfg_scale = float(sample_cfg.cfg_scale if cfg_scale is None else cfg_scale)
@@ -536,17 +565,13 @@ class AudioLMSystem(L.LightningModule):
         window_overlap = float(sample_cfg.get("window_overlap", 0.75) if window_overlap is None else window_overlap)
         if not 0.0 < window_overlap < 1.0:
             raise ValueError(f"sample.window_overlap must be in (0, 1), got {window_overlap}")
-        new = [x for x in self.iter_tokens(
+        return self._sampling_loop(
             captions, num_tokens, token_scales, temperature, num_steps, generator, sampler, cfg_rescale, prompt_tokens,
             window_overlap,
-        )]
-        out = torch.stack(new, dim=1) if new else torch.empty(len(captions or prompt_tokens), 0, self.token_dim, device=self.device)
-        if prompt_tokens is None:
-            return out
-        return torch.cat([prompt_tokens.to(out.device, out.dtype), out], dim=1)
+        )
 
     @torch.no_grad()
-    def iter_tokens(
+    def _sampling_loop(
         self,
         captions: list[str] | None,
         num_tokens: int,
@@ -559,9 +584,8 @@ class AudioLMSystem(L.LightningModule):
         prompt_tokens: torch.Tensor | None,
         window_overlap: float,
     ) -> Iterator[torch.Tensor]:
-        """The sampling loop of :meth:`generate_tokens` as an iterator: yields each new
-        token (B, token_dim) float32 as soon as it is sampled (streaming consumers decode
-        while the rest is generated). Arguments as resolved by :meth:`generate_tokens`.
+        """The sampling loop behind :meth:`iter_tokens`: yields each new token (B, token_dim)
+        float32 as soon as it is sampled. Arguments as resolved by :meth:`iter_tokens`.
 
         Long-form: the decoder's positions end at ``model.max_tokens``. When the context
         is full, the newest ``window_overlap`` fraction of it is kept: the KV cache is

@@ -145,6 +145,33 @@ def test_generate_cli_continues_an_audio_prompt(demo_run, tmp_path):
     assert "broken.wav" in result.stderr and "Traceback" not in result.stderr and not (tmp_path / "never").exists()
 
 
+def test_generate_cli_streams_pcm_while_sampling(demo_run, tmp_path):
+    """`--stream --pcm FILE`: chunks are written as they come (16-bit PCM of the first clip),
+    the time to first audio is recorded, and the wav has the one-shot length."""
+    import numpy as np
+    import soundfile as sf
+
+    root, run_dir = demo_run
+    out, pcm = tmp_path / "streamed", tmp_path / "stream.pcm"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--runs", str(root / "runs"), "--prompt", "white noise",
+         "--seconds", "1.0", "--steps", "2", "--stream", "--pcm", str(pcm), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "first audio of batch 1 after" in result.stdout
+    settings = json.loads((out / "samples.json").read_text())["settings"]
+    assert settings["stream"]["chunk_tokens"] == 8 and len(settings["first_audio_seconds"]) == 1
+    wave, rate = sf.read(next(out.glob("*.wav")))
+    streamed = np.frombuffer(pcm.read_bytes(), dtype="<i2") / 32767.0
+    assert len(wave) == rate and len(streamed) == rate
+    assert np.abs(streamed - wave).max() < 2e-4  # the wav is the streamed chunks (16-bit rounding apart)
+
+    result = subprocess.run([sys.executable, "-m", "experiments.generate", "--prompt", "x", "--pcm", "-"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "--pcm writes streamed chunks; add --stream" in result.stderr
+
+
 def test_generate_cli_without_prompt_or_checkpoint_fails_clearly(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.generate", "--runs", str(tmp_path), "--prompt", "x"],
