@@ -146,10 +146,12 @@ def killed_and_resumed_equals_uninterrupted(tmp_path: Path, experiment: str, tim
     experiment_dir = tmp_path / "runs" / experiment
 
     def mid_epoch_one_saved() -> bool:  # last.ckpt of the new run at step 5 or 6: inside epoch 1
-        lasts = [p for p in experiment_dir.glob("*/checkpoints/last.ckpt") if p.parent.parent != straight]
+        # run folders only: the `last` link moves to the new run while this looks
+        lasts = [p for p in experiment_dir.glob("*/checkpoints/last.ckpt")
+                 if p.parent.parent != straight and not p.parent.parent.is_symlink()]
         try:
             return bool(lasts) and load_checkpoint(lasts[0])["global_step"] in (5, 6)
-        except CheckpointError:  # the file is being replaced: atomic, so this only means "not yet"
+        except (CheckpointError, FileNotFoundError):  # being replaced (atomically) / not there yet: "not yet"
             return False
 
     wait_for(mid_epoch_one_saved, process, log)
