@@ -13,7 +13,13 @@ tokens, so it needs no trained run. Measures:
 6. ``model.activation_checkpointing``: training step time and the activation bytes kept
    for backward, with vs without;
 7. ``trainer.compile``: training step time with the decoder and the diffusion MLP compiled
-   (``nn.Module.compile``) vs eager, and the one-off compile time (``--no-compile`` skips it).
+   (``nn.Module.compile``) vs eager, and the one-off compile time (``--no-compile`` skips it);
+8. generation speed for a ``--gen-seconds`` clip (10.24) at ``--gen-batches`` (1 16), CFG
+   batched, the experiment's ``sample.sampler`` / ``sample.steps``: real-time factor (wall
+   seconds per second of audio of one clip, < 1 is faster than real time), where the time
+   goes (decoder with the KV cache, the head's reverse chain, VAE decode, vocoder — each
+   timed alone on the same shapes) and the time to first audio when streaming
+   (``--no-generation`` skips it).
 
 Writes ``<run.root>/bench/<timestamp>.json`` and prints a table.
 """
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile benchmark (it compiles for minutes)")
+    parser.add_argument("--no-generation", action="store_true", help="skip the generation-speed benchmark")
+    parser.add_argument("--gen-seconds", type=float, default=10.24, help="clip length for the generation benchmark")
+    parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 16], help="batch sizes for the generation benchmark")
     args, rest = parser.parse_known_args(argv)
     from omegaconf import OmegaConf
 
@@ -139,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     system.zero_grad(set_to_none=True)
 
     # 3. Cached latents vs encoding audio on the fly (random VAE of the experiment's size).
-    from experiments.pipeline import mel_kwargs, vae_kwargs
+    from experiments.pipeline import mel_kwargs, vae_kwargs, vocoder_kwargs
     from lightning_modules.parts.pretransform import MelVAEPretransform
 
-    pretransform = MelVAEPretransform.from_scratch(mel_kwargs(cfg), vae_kwargs(cfg)).to(device).eval()
+    pretransform = MelVAEPretransform.from_scratch(mel_kwargs(cfg), vae_kwargs(cfg), vocoder_kwargs(cfg)).to(device).eval()
     seconds = N / pretransform.tokens_per_second
     wave = torch.randn(B, int(seconds * pretransform.sample_rate), device=device) * 0.1
     mean = torch.randn(B, N, D, device=device)
@@ -231,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         results["compile"] = {"eager_step_s": t_eager, "compiled_step_s": t_compiled, "speedup": t_eager / t_compiled,
                               "first_step_with_compile_s": t_compile_first}
 
+    # 8. Generation speed and its breakdown (random weights: the time does not depend on them).
+    if not args.no_generation:
+        results["generation"] = bench_generation(cfg, system, pretransform, captions, args.gen_seconds, args.gen_batches)
+
     header = {"experiment": name, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "batch": B, "tokens": N, "parameters": system.parameter_summary()}
     print(f"[bench] {name} on {device} ({torch.get_num_threads()} threads), batch {B} × {N} tokens")
@@ -247,10 +260,88 @@ def main(argv: list[str] | None = None) -> int:
         c = results["compile"]
         print(f"| torch.compile | step {c['compiled_step_s']:.3f} s vs eager {c['eager_step_s']:.3f} s (first step {c['first_step_with_compile_s']:.0f} s) "
               f"| {c['speedup']:.2f}× |")
+    for row in results.get("generation", []):
+        print(f"| generation, {row['seconds']:g} s, batch {row['batch']}, {row['sampler']}-{row['steps']}, CFG {row['cfg_scale']:g} "
+              f"| {row['wall_s']:.2f} s: decoder {row['decoder_s']:.2f} s, head {row['head_s']:.2f} s, VAE {row['vae_s']:.2f} s, "
+              f"vocoder {row['vocoder_s']:.2f} s; first streamed audio {row['first_audio_s']:.2f} s "
+              f"| RTF {row['rtf']:.3f} ({row['rtf_per_clip']:.4f} per clip) |")
     out = out_root / f"{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     write_text_atomic(out, json.dumps({**header, "results": results}, indent=2))
     print(f"[bench] {out}")
     return 0
+
+
+def once(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one run of ``fn`` (synchronised on CUDA); for runs too long to repeat."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_generation(cfg, system, pretransform, captions: list[str], seconds: float, batches: list[int]) -> list[dict]:
+    """Real-time factor of ``seconds`` of audio per batch size and where the time goes.
+
+    ``wall_s`` is the one-shot path of ``make generate`` (tokens with CFG batched, VAE
+    decode, vocoder); ``decoder_s`` is the same token loop with the head replaced by a
+    fixed projection, ``head_s`` the head's reverse chain alone for every token, ``vae_s``
+    and ``vocoder_s`` the decode of those tokens; ``first_audio_s`` the streaming path's
+    time to its first chunk (``sample.stream_*``).
+    """
+    from experiments.pipeline import num_tokens_for, stream_fn
+
+    device = system.device
+    system.eval()
+    pretransform.to(device)
+    sample = cfg.sample
+    num_tokens = num_tokens_for(seconds, pretransform)
+    steps, sampler, scale = int(sample.steps), str(sample.sampler), float(sample.cfg_scale)
+    width, D = cfg.model.width, system.token_dim
+    to_token = torch.randn(width, D, device=device) / width**0.5
+    rows = []
+    with torch.no_grad():
+        for B in batches:
+            prompts = (captions * (B // len(captions) + 1))[:B]
+            generator = torch.Generator(device=device).manual_seed(0)
+            system.generate_tokens(prompts, 2, num_steps=steps, sampler=sampler, generator=generator)  # warm-up
+            tokens: dict[str, torch.Tensor] = {}
+
+            def generate() -> None:
+                tokens["x"] = system.generate_tokens(prompts, num_tokens, cfg_scale=scale, num_steps=steps,
+                                                     sampler=sampler, generator=generator)
+                mel = pretransform.decode_mel(system.denormalize(tokens["x"]), normalized=False)
+                pretransform.vocoder(mel)
+
+            wall = once(generate, device)
+            latents = system.denormalize(tokens["x"])
+
+            def decoder_only() -> None:
+                prefix, prefix_mask = system.encode_text(prompts + prompts)  # CFG rows: cond + uncond
+                cache = system.decoder.make_cache(2 * B, prefix.shape[1] + 1 + num_tokens, device, prefix.dtype)
+                z = system.decoder.prefill(prefix, prefix_mask, cache, target_id=0)
+                for i in range(num_tokens - 1):
+                    z = system.decoder.step(z @ to_token, position_id=i, target_id=i + 1, cache=cache)
+
+            z = torch.randn(B, width, device=device)
+
+            def head_only() -> None:
+                for _ in range(num_tokens):
+                    system.head.sample(z, z, cfg_scale=scale, num_steps=steps, sampler=sampler, generator=generator)
+
+            mel = pretransform.decode_mel(latents, normalized=False)
+            t_decoder, t_head = once(decoder_only, device), once(head_only, device)
+            t_vae = once(lambda: pretransform.decode_mel(latents, normalized=False), device)
+            t_vocoder = once(lambda: pretransform.vocoder(mel), device)
+            stream = stream_fn(cfg, pretransform, seconds, 0)(system, prompts)
+            t_first = once(lambda: next(stream), device)
+            stream.close()
+            rows.append({
+                "seconds": seconds, "tokens": num_tokens, "batch": B, "sampler": sampler, "steps": steps, "cfg_scale": scale,
+                "wall_s": wall, "decoder_s": t_decoder, "head_s": t_head, "vae_s": t_vae, "vocoder_s": t_vocoder,
+                "first_audio_s": t_first, "rtf": wall / seconds, "rtf_per_clip": wall / seconds / B,
+            })
+    return rows
 
 
 if __name__ == "__main__":
