@@ -284,8 +284,8 @@ def bench_generation(cfg, system, pretransform, captions: list[str], seconds: fl
     """Real-time factor of ``seconds`` of audio per batch size and where the time goes.
 
     ``wall_s`` is the one-shot path of ``make generate`` (tokens with CFG batched, VAE
-    decode, vocoder); ``decoder_s`` is the same token loop with the head replaced by a
-    fixed projection, ``head_s`` the head's reverse chain alone for every token, ``vae_s``
+    decode, vocoder); ``decoder_s`` is the same token loop (window shifts included beyond
+    ``model.max_tokens``) with the head replaced by a fixed projection, ``head_s`` the head's reverse chain alone for every token, ``vae_s``
     and ``vocoder_s`` the decode of those tokens; ``first_audio_s`` the streaming path's
     time to its first chunk (``sample.stream_*``).
     """
@@ -316,12 +316,13 @@ def bench_generation(cfg, system, pretransform, captions: list[str], seconds: fl
             wall = once(generate, device)
             latents = system.denormalize(tokens["x"])
 
-            def decoder_only() -> None:
-                prefix, prefix_mask = system.encode_text(prompts + prompts)  # CFG rows: cond + uncond
-                cache = system.decoder.make_cache(2 * B, prefix.shape[1] + 1 + num_tokens, device, prefix.dtype)
-                z = system.decoder.prefill(prefix, prefix_mask, cache, target_id=0)
-                for i in range(num_tokens - 1):
-                    z = system.decoder.step(z @ to_token, position_id=i, target_id=i + 1, cache=cache)
+            def decoder_only() -> None:  # the same loop (CFG rows, window shifts) with a fixed projection as head
+                real_sample = system.head.sample
+                system.head.sample = lambda z_cond, z_uncond=None, **_: z_cond @ to_token
+                try:
+                    system.generate_tokens(prompts, num_tokens, cfg_scale=scale, num_steps=steps, sampler=sampler)
+                finally:
+                    system.head.sample = real_sample
 
             z = torch.randn(B, width, device=device)
 
