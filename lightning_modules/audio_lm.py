@@ -17,6 +17,7 @@ tokens to audio is the pretransform's job (see ``experiments/generate.py``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Iterator
@@ -628,7 +629,7 @@ class AudioLMSystem(L.LightningModule):
 
         z = refill(prompt_tokens)
         position = num_prompt  # the next token's position in the current window
-        recent = [prompt_tokens[:, j].float() for j in range(num_prompt)][-keep:]  # (B, D) each, for a refill
+        recent = collections.deque((prompt_tokens[:, j].float() for j in range(num_prompt)), maxlen=keep)  # (B, D) each, for a refill
         for i in range(num_tokens):
             z_cond, z_uncond = (z[:batch_size], z[batch_size:]) if guided else (z, None)
             x = self.head.sample(
@@ -638,12 +639,12 @@ class AudioLMSystem(L.LightningModule):
             yield x
             if i + 1 == num_tokens:
                 break
-            recent = (recent + [x])[-keep:]
+            recent.append(x)
             if position + 1 < limit:
                 z = self.decoder.step(rows(x), position_id=position, target_id=position + 1, cache=cache)
                 position += 1
             else:  # the window is full: keep its newest `keep` tokens
-                z = refill(torch.stack(recent, dim=1))
+                z = refill(torch.stack(list(recent), dim=1))
                 position = len(recent)
 
     def forward(self, captions: list[str], num_tokens: int, **kwargs) -> torch.Tensor:
