@@ -145,16 +145,26 @@ def killed_and_resumed_equals_uninterrupted(tmp_path: Path, experiment: str, tim
     process = train_in_subprocess(experiment, overrides, log)
     experiment_dir = tmp_path / "runs" / experiment
 
-    def mid_epoch_one_saved() -> bool:  # last.ckpt of the new run at step 5 or 6: inside epoch 1
+    def saved_step() -> int | None:
         # run folders only: the `last` link moves to the new run while this looks
         lasts = [p for p in experiment_dir.glob("*/checkpoints/last.ckpt")
                  if p.parent.parent != straight and not p.parent.parent.is_symlink()]
         try:
-            return bool(lasts) and load_checkpoint(lasts[0])["global_step"] in (5, 6)
+            return load_checkpoint(lasts[0])["global_step"] if lasts else None
         except (CheckpointError, FileNotFoundError):  # being replaced (atomically) / not there yet: "not yet"
-            return False
+            return None
 
-    wait_for(mid_epoch_one_saved, process, log)
+    def frozen_mid_epoch() -> bool:
+        """Freeze the trainer (SIGSTOP), then look: the kill lands exactly on what was seen,
+        however fast the steps run. Mid-epoch = any step past epoch 0 that does not end an epoch."""
+        process.send_signal(signal.SIGSTOP)
+        step = saved_step()
+        if step is not None and step >= 5 and step % 4 != 0:
+            return True
+        process.send_signal(signal.SIGCONT)
+        return False
+
+    wait_for(frozen_mid_epoch, process, log)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     killed = (experiment_dir / "last").resolve()
