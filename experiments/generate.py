@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         history = prompt_tokens.expand(len(batch), -1, -1) if prompt_tokens is not None else None
         captions_or_none = None if batch == [None] else batch
         if not args.stream:
-            waves.append(render_fn(cfg, pretransform, sample.seconds, args.seed + i)(system, captions_or_none, history))
+            waves.append(render_fn(cfg, pretransform, sample.seconds, args.seed + i, progress=True)(system, captions_or_none, history))
             continue
         batch_start, chunks = time.perf_counter(), []
         for chunk in stream_fn(cfg, pretransform, sample.seconds, args.seed + i)(system, captions_or_none, history):

@@ -33,7 +33,7 @@ from experiments import ranks
 from datamodules.atomic import remove_stale_temporaries, write_text_atomic
 from experiments.config import ConfigError, last_run_dir, make_run_dir
 from lightning_modules.audio_lm import AudioLMSystem
-from lightning_modules.callbacks import AudioSamplesCallback
+from lightning_modules.callbacks import AudioSamplesCallback, StepProgressBar
 from lightning_modules.checkpoints import (
     CheckpointError,
     PreemptionCheckpoint,
@@ -41,7 +41,7 @@ from lightning_modules.checkpoints import (
     load_checkpoint,
     verify_checkpoint_file,
 )
-from lightning_modules.mel_vae import MelVAESystem
+from lightning_modules.mel_vae import MelVAESystem, spectrogram_picture
 from lightning_modules.parts.pretransform import MelVAEPretransform
 from lightning_modules.parts.streaming import StreamingDecoder
 from lightning_modules.parts.text_conditioning import train_sentencepiece
@@ -160,7 +160,7 @@ def build_trainer(
     :class:`~datamodules.audio_datamodule.SeededClipSampler`), so Lightning's
     distributed-sampler replacement is off.
     """
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     # Our samplers continue an interrupted epoch from Lightning's restored loop progress
@@ -197,7 +197,7 @@ def build_trainer(
         logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False),
         # The bar refreshes at the logging interval: its loss readout is a host sync.
         callbacks=[*callbacks, checkpoint, safety, LearningRateMonitor(logging_interval="step"),
-                   TQDMProgressBar(refresh_rate=max(1, int(trainer_cfg.log_every_steps)))],
+                   StepProgressBar(refresh_rate=max(1, int(trainer_cfg.log_every_steps)))],
         plugins=[SafeCheckpointIO(keep_step_checkpoints=keep)],
         num_sanity_val_steps=0,
         enable_model_summary=False,
@@ -459,11 +459,13 @@ def encode_audio_prompt(
     return ((tokens - system.latent_mean) / system.latent_std).float()
 
 
-def _sampling_kwargs(cfg: DictConfig, system: AudioLMSystem, generator_seed: int) -> dict[str, Any]:
-    """``generate_tokens`` / ``iter_tokens`` keyword arguments from ``cfg.sample`` and a seed."""
+def _sampling_kwargs(cfg: DictConfig, system: AudioLMSystem, generator_seed: int,
+                     cfg_scale: float | None = None) -> dict[str, Any]:
+    """``generate_tokens`` / ``iter_tokens`` keyword arguments from ``cfg.sample`` and a seed
+    (``cfg_scale``: instead of ``sample.cfg_scale``)."""
     sample = cfg.sample
     return dict(
-        cfg_scale=sample.cfg_scale, temperature=sample.temperature, num_steps=sample.steps, sampler=sample.sampler,
+        cfg_scale=sample.cfg_scale if cfg_scale is None else cfg_scale, temperature=sample.temperature, num_steps=sample.steps, sampler=sample.sampler,
         cfg_schedule=sample.cfg_schedule, cfg_rescale=sample.cfg_rescale,
         generator=torch.Generator(device=system.device).manual_seed(generator_seed),
     )
@@ -475,23 +477,39 @@ def _autocast(cfg: DictConfig, system: AudioLMSystem):
     return torch.autocast(device_type=system.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float, generator_seed: int):
-    """``render(system, captions) -> waves (B, S)``: generate tokens, denormalise, decode to audio."""
+def render_fn(cfg: DictConfig, pretransform: MelVAEPretransform, seconds: float, generator_seed: int,
+              progress: bool = False):
+    """``render(system, captions) -> waves (B, S)``: generate tokens, denormalise, decode to
+    audio (``progress``: a bar over each batch's tokens)."""
 
-    def render(system: AudioLMSystem, captions: list[str] | None, prompt_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def render(system: AudioLMSystem, captions: list[str] | None, prompt_tokens: torch.Tensor | None = None,
+               cfg_scale: float | None = None) -> torch.Tensor:
         """-> waves (B, S); with ``prompt_tokens`` (B, P, D) the wave holds the prompt's
-        resynthesis followed by ``seconds`` of continuation (captions None: unconditional)."""
+        resynthesis followed by ``seconds`` of continuation (captions None: unconditional);
+        ``cfg_scale`` replaces ``sample.cfg_scale``."""
         num_tokens = num_tokens_for(seconds, pretransform)
         # One autocast region around the whole sampling loop (entering it per step re-casts weights).
         with _autocast(cfg, system):
             tokens = system.generate_tokens(
-                captions, num_tokens, prompt_tokens=prompt_tokens, **_sampling_kwargs(cfg, system, generator_seed)
+                captions, num_tokens, prompt_tokens=prompt_tokens,
+                **_sampling_kwargs(cfg, system, generator_seed, cfg_scale=cfg_scale), progress=progress,
             )
         latents = system.denormalize(tokens.float())
         pretransform.to(system.device)
         return pretransform.decode(latents, normalized=False).float().cpu()
 
     return render
+
+
+def log_mel_picture_fn(pretransform: MelVAEPretransform):
+    """``picture(wave (S,)) -> image (C, F, T)``: the wave's log-mel through the pretransform's
+    front end, as :func:`spectrogram_picture` draws it (for TensorBoard)."""
+
+    def picture(wave: torch.Tensor) -> torch.Tensor:
+        device = next(pretransform.mel.buffers()).device
+        return spectrogram_picture(pretransform.mel(wave[None].to(device).float())[0])
+
+    return picture
 
 
 def streaming_decoder(cfg: DictConfig, system: AudioLMSystem, pretransform: MelVAEPretransform) -> StreamingDecoder:
@@ -678,6 +696,9 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     check_distributed_settings(cfg)
+    scales = [cfg.sample.cfg_scale, *cfg.sample.extra_cfg_scales]
+    if any(float(scale) < 0 for scale in scales):
+        raise ConfigError(f"sample.cfg_scale and sample.extra_cfg_scales must be ≥ 0, got {list(scales)}")
     set_threads(cfg)
     loaded: dict[str, Any] = {}
     record = ranks.prepare_once(
@@ -720,6 +741,8 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
         out_dir=run_dir / "samples",
         every_n_steps=cfg.sample.every_steps,
         settings=container(cfg.sample),
+        cfg_scales=[cfg.sample.cfg_scale, *[s for s in cfg.sample.extra_cfg_scales if s != cfg.sample.cfg_scale]],
+        picture=log_mel_picture_fn(pretransform),
     )
     callbacks: list[L.Callback] = [samples, *extra_callbacks]
     if cfg.optim.ema_decay > 0:  # EMA first: the samples callback then sees the averaged weights
@@ -744,10 +767,22 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
     summary = {"timings_s": timings, "final_metrics": metrics, "samples": str(run_dir / "samples"),
                "world_size": trainer.world_size}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    log_final_hparams(trainer, cfg, metrics, timings)
     log("lm", "stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     log("lm", "final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/" in k and "by_t" not in k))
     log("lm", f"samples with their captions: {run_dir / 'samples'}")
     return run_dir
+
+
+def log_final_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float], timings: dict[str, float]) -> None:
+    """TensorBoard's HParams tab: the resolved config (flattened keys) with the run's final
+    metrics as ``final/<metric>`` (validation and training metrics, stage times)."""
+    if trainer.logger is None:
+        return
+    final = {f"final/{k}": v for k, v in metrics.items() if "/" in k and "by_t" not in k and not k.startswith("lr-")}
+    final.update({f"final/time_s/{k}": float(v) for k, v in timings.items()})
+    trainer.logger.log_hyperparams(container(cfg), final)
+    trainer.logger.save()
 
 
 def run_task(cfg: DictConfig) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import time
 from typing import Any, Iterator
 
 import lightning as L
@@ -242,8 +243,10 @@ class AudioLMSystem(L.LightningModule):
             dict with ``loss`` (scalar), ``per_sample`` (K,) losses of every (target, t, ε)
             draw, ``weight`` (K,) 1 for real targets and 0 for the few padding rows (at most
             one per sample) that are computed to keep shapes host-known, ``t`` (K,) their
-            timesteps and ``target_ids`` (K,) the index of the token each draw predicts
-            (0: the first audio token, predicted from the text alone).
+            timesteps, ``target_ids`` (K,) the index of the token each draw predicts
+            (0: the first audio token, predicted from the text alone) and ``next_token``
+            (K,) bool, True where that token directly follows the slot's own input token
+            (plain next-token prediction) and False for an MNTP skipped target.
         """
         tokens, token_mask = batch["tokens"], batch["token_mask"]
         batch_size = tokens.shape[0]
@@ -274,6 +277,10 @@ class AudioLMSystem(L.LightningModule):
         )
         out["weight"] = weight.repeat(self.head.batch_mul)  # draw r of row i at r * K + i
         out["target_ids"] = gather_rows(inputs.target_ids, counts).repeat(self.head.batch_mul)
+        # Slot 0 (BOS) sits before token 0; slot j + 1 at input token j's original index.
+        slot_positions = torch.cat([torch.full_like(inputs.position_ids[:, :1], -1), inputs.position_ids], dim=1)
+        next_token = inputs.target_ids == slot_positions + 1  # (B, M+1)
+        out["next_token"] = gather_rows(next_token, counts).repeat(self.head.batch_mul)
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -286,19 +293,26 @@ class AudioLMSystem(L.LightningModule):
         batch_size = batch["tokens"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
         self.log("train/mask_ratio", float(ratios.mean()), batch_size=batch_size)
-        self._accumulate_loss_by_timestep(out)
+        self._accumulate_loss_by_timestep(out, batch)
         return out["loss"]
 
-    def _accumulate_loss_by_timestep(self, out: dict[str, torch.Tensor]) -> None:
-        """Add a step's draws to per-bucket sums on the device; no host sync (see
+    def _accumulate_loss_by_timestep(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        """Add a step's draws to sums on the device — per timestep bucket, next-token vs
+        skipped-target draws, and the audio tokens seen — without a host sync (see
         :meth:`on_train_batch_end`, which writes the means at the logging interval)."""
         num_steps = self.head.num_train_steps
         bucket = (out["t"] * NUM_TIMESTEP_BUCKETS // num_steps).clamp_(max=NUM_TIMESTEP_BUCKETS - 1)  # (K,)
         weight = out["weight"].detach().float()
-        sums = torch.zeros(2, NUM_TIMESTEP_BUCKETS, device=weight.device)
-        sums[0].index_add_(0, bucket, out["per_sample"].detach().float() * weight)
-        sums[1].index_add_(0, bucket, weight)
-        self._loss_by_t = sums if getattr(self, "_loss_by_t", None) is None else self._loss_by_t + sums
+        loss = out["per_sample"].detach().float() * weight
+        sums = torch.zeros(2, NUM_TIMESTEP_BUCKETS + 3, device=weight.device)  # [sum, weight] × [buckets, next, skipped, tokens]
+        sums[0, :NUM_TIMESTEP_BUCKETS].index_add_(0, bucket, loss)
+        sums[1, :NUM_TIMESTEP_BUCKETS].index_add_(0, bucket, weight)
+        kind = NUM_TIMESTEP_BUCKETS + 1 - out["next_token"].long()  # column B: next token, B + 1: skipped
+        sums[0].index_add_(0, kind, loss)
+        sums[1].index_add_(0, kind, weight)
+        lengths = batch.get("lengths")  # host counts from the collate; else the mask, on the device
+        sums[0, -1] += sum(lengths) if isinstance(lengths, (list, tuple)) else batch["token_mask"].sum()
+        self._train_sums = sums if getattr(self, "_train_sums", None) is None else self._train_sums + sums
 
     # ------------------------------------------------------------------ gradient guard
 
@@ -358,26 +372,38 @@ class AudioLMSystem(L.LightningModule):
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Every ``trainer.log_every_n_steps`` optimizer steps: the loss by timestep bucket,
-        averaged over the steps since the last write (this process's draws), and the
-        gradient statistics, to the logger."""
+        """Every ``trainer.log_every_n_steps`` optimizer steps, averaged over the steps since
+        the last write (this process's draws): the loss by timestep bucket, the next-token
+        and skipped-target losses, the gradient statistics, the wall time per optimizer
+        step and the audio tokens per second (all processes: × world size)."""
         trainer = self._trainer
         if trainer is None or self.global_step % max(1, trainer.log_every_n_steps) != 0:
             return
         if (batch_idx + 1) % int(trainer.accumulate_grad_batches) != 0:
             return
         self._flush_step_stats()
-        sums = getattr(self, "_loss_by_t", None)
+        sums = getattr(self, "_train_sums", None)
         if sums is None:
             return
         totals, counts = sums.tolist()  # the one host sync, at the logging interval
-        self._loss_by_t = None
-        if self.logger is not None:
-            metrics = {
-                f"train_loss_by_t/{b * 100 // NUM_TIMESTEP_BUCKETS:02d}": totals[b] / counts[b]
-                for b in range(NUM_TIMESTEP_BUCKETS) if counts[b] > 0
-            }
-            self.logger.log_metrics(metrics, step=self.global_step)
+        self._train_sums = None
+        now, step = time.perf_counter(), self.global_step
+        last = getattr(self, "_last_flush", None)
+        self._last_flush = (now, step)
+        if self.logger is None:
+            return
+        metrics = {
+            f"train_loss_by_t/{b * 100 // NUM_TIMESTEP_BUCKETS:02d}": totals[b] / counts[b]
+            for b in range(NUM_TIMESTEP_BUCKETS) if counts[b] > 0
+        }
+        for name, column in (("next_token", NUM_TIMESTEP_BUCKETS), ("skipped_target", NUM_TIMESTEP_BUCKETS + 1)):
+            if counts[column] > 0:
+                metrics[f"train/loss_{name}"] = totals[column] / counts[column]
+        if last is not None and step > last[1] and now > last[0]:
+            # Wall time since the last write (that write synchronised, and so does this one).
+            metrics["train/step_time_s"] = (now - last[0]) / (step - last[1])
+            metrics["train/audio_tokens_per_s"] = totals[-1] * trainer.world_size / (now - last[0])
+        self.logger.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------------ checkpoint extras
 
@@ -495,6 +521,7 @@ class AudioLMSystem(L.LightningModule):
         cfg_rescale: float | None = None,
         prompt_tokens: torch.Tensor | None = None,
         window_overlap: float | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Autoregressive sampling with the KV cache: NTP inference (target = current + 1),
         for NTP and MNTP models alike; optionally continuing an audio prompt.
@@ -521,16 +548,24 @@ class AudioLMSystem(L.LightningModule):
             window_overlap: long-form generation beyond ``model.max_tokens`` (see
                 :meth:`_sampling_loop`): the fraction of the context kept at each window shift
                 (default ``sample.window_overlap``).
+            progress: show a progress bar over the N tokens (with its ETA) on stderr.
 
         Returns:
             tokens (B, P + N, token_dim) in the normalised latent space: the prompt tokens
             unchanged, then the N generated ones (P = 0 without a prompt).
         """
-        new = list(self.iter_tokens(
+        tokens = self.iter_tokens(
             captions, num_tokens, cfg_scale=cfg_scale, temperature=temperature, num_steps=num_steps,
             generator=generator, sampler=sampler, cfg_schedule=cfg_schedule, cfg_rescale=cfg_rescale,
             prompt_tokens=prompt_tokens, window_overlap=window_overlap,
-        ))
+        )
+        if progress:
+            from tqdm.auto import tqdm
+
+            batch = len(captions) if captions is not None else len(prompt_tokens)
+            tokens = tqdm(tokens, total=num_tokens, desc=f"[generate] {batch} clip{'s' * (batch != 1)}", unit="token",
+                          leave=False, dynamic_ncols=True)
+        new = list(tokens)
         out = torch.stack(new, dim=1) if new else torch.empty(len(captions or prompt_tokens), 0, self.token_dim, device=self.device)
         if prompt_tokens is None:
             return out

@@ -1,5 +1,5 @@
-"""Callbacks shared by the systems: audio samples during training (checkpoint safety lives
-in :mod:`lightning_modules.checkpoints`)."""
+"""Callbacks shared by the systems: audio samples during training and the run-long progress
+bar (checkpoint safety lives in :mod:`lightning_modules.checkpoints`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 import numpy as np
 import torch
 
@@ -40,34 +41,50 @@ def write_samples(
 
 
 class AudioSamplesCallback(L.Callback):
-    """Renders audio for fixed captions every ``every_n_steps`` and at the end of training:
-    wavs + captions under ``<out_dir>/step_<N>/`` and audio in TensorBoard.
+    """Renders audio for fixed captions at the validation that follows every
+    ``every_n_steps`` optimizer steps and at the end of training, at each of ``cfg_scales``:
+    wavs + captions under ``<out_dir>/step_<N>/`` (the first scale; the others in
+    ``step_<N>/cfg_<scale>/``) and, in TensorBoard, for caption ``i`` at scale ``s``:
+    audio ``samples/cfg_<s>/<i>``, its log-mel image ``samples/cfg_<s>/<i>/mel`` and the
+    caption as text ``samples/<i>/caption``.
+
+    Registered after Lightning's EMA callback, it renders with the EMA weights (the EMA
+    callback swaps them in for validation and copies them into the model at the end).
 
     Args:
         captions: the prompts to render (held-out captions work best).
-        render: ``render(pl_module, captions) -> waves (B, S)`` (e.g. generate tokens and
-            decode them with the pretransform).
+        render: ``render(pl_module, captions, cfg_scale=s) -> waves (B, S)`` (e.g. generate
+            tokens and decode them with the pretransform).
         sample_rate: of the rendered audio.
         out_dir: where the wavs go.
         every_n_steps: 0 renders only at the end of training.
-        settings: stored beside the wavs.
+        settings: stored beside the wavs (``cfg_scale`` set per scale).
+        cfg_scales: the guidance scales to render, the main one first.
+        picture: ``picture(wave (S,)) -> image (C, H, W)`` in [0, 1], e.g. its log-mel; None:
+            no images.
     """
 
     def __init__(
         self,
         captions: Sequence[str],
-        render: Callable[[L.LightningModule, list[str]], torch.Tensor],
+        render: Callable[..., torch.Tensor],
         sample_rate: int,
         out_dir: str | Path,
         every_n_steps: int = 0,
         settings: dict[str, Any] | None = None,
+        cfg_scales: Sequence[float] = (3.0,),
+        picture: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        if not cfg_scales:
+            raise ValueError("AudioSamplesCallback: cfg_scales is empty")
         self.captions = list(captions)
         self.render = render
         self.sample_rate = sample_rate
         self.out_dir = Path(out_dir)
         self.every_n_steps = every_n_steps
         self.settings = settings or {}
+        self.cfg_scales = [float(s) for s in cfg_scales]
+        self.picture = picture
         self._last_rendered_step = -1
 
     def _render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -75,24 +92,64 @@ class AudioSamplesCallback(L.Callback):
         if not self.captions or step == self._last_rendered_step or not trainer.is_global_zero:
             return
         self._last_rendered_step = step
+        experiment = getattr(trainer.logger, "experiment", None)
+        writer = experiment if experiment is not None and hasattr(experiment, "add_audio") else None
         was_training = pl_module.training
         pl_module.eval()
         try:
-            waves = self.render(pl_module, self.captions)
+            for index, scale in enumerate(self.cfg_scales):
+                waves = self.render(pl_module, self.captions, cfg_scale=scale).float().cpu()  # (B, S)
+                folder = self.out_dir / f"step_{step:07d}"
+                write_samples(folder if index == 0 else folder / f"cfg_{scale:g}", waves, self.captions,
+                              self.sample_rate, {**self.settings, "cfg_scale": scale})
+                if writer is not None:
+                    self._to_tensorboard(writer, waves, scale, step)
         finally:
             pl_module.train(was_training)
-        write_samples(self.out_dir / f"step_{step:07d}", waves, self.captions, self.sample_rate, self.settings)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_audio"):
-            for i, (caption, wave) in enumerate(zip(self.captions, waves.float().cpu())):
-                experiment.add_audio(f"samples/{i:02d}", wave.clamp(-1, 1).unsqueeze(0), step, self.sample_rate)
-                experiment.add_text(f"samples/{i:02d}/caption", caption, step)
+        if writer is not None:
+            for i, caption in enumerate(self.captions):
+                writer.add_text(f"samples/{i:02d}/caption", caption, step)
 
-    # Registered after Lightning's EMA callback, these hooks see the EMA weights: it swaps
-    # them in at the start of validation and copies them into the model when training ends.
+    def _to_tensorboard(self, writer: Any, waves: torch.Tensor, scale: float, step: int) -> None:
+        for i, wave in enumerate(torch.nan_to_num(waves).clamp(-1, 1)):
+            writer.add_audio(f"samples/cfg_{scale:g}/{i:02d}", wave.unsqueeze(0), step, self.sample_rate)
+            if self.picture is not None:
+                writer.add_image(f"samples/cfg_{scale:g}/{i:02d}/mel", self.picture(wave), step, dataformats="CHW")
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+        step, every = trainer.global_step, self.every_n_steps
+        if every > 0 and step > 0 and step // every > max(self._last_rendered_step, 0) // every:
             self._render(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._render(trainer, pl_module)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar over the whole run's optimizer steps (``trainer.max_steps``)
+    instead of restarting every epoch: its ETA is the time left in training. A resumed run
+    starts the bar at its step (the rate counts only the steps run now). The readout of the
+    logged metrics is a host sync, so it refreshes every ``refresh_rate`` steps."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        bar.reset(total=total)
+        bar.initial = bar.n = trainer.global_step
+        bar.unit = "step"
+        bar.set_description("Training")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        pass  # one bar for the run: no per-epoch reset
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is None or step == bar.n or not self._should_update(step, bar.total):
+            return
+        bar.n = step
+        bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # no per-epoch readout (a host sync every epoch) and no per-epoch bar to close

@@ -182,14 +182,17 @@ def _to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tenso
     return None if tensor is None else tensor.to(device)
 
 
-def spectrogram_picture(original: torch.Tensor, recon: torch.Tensor, gap: int = 2) -> torch.Tensor:
-    """Two log-mels ``(F, T)`` stacked (original on top, low frequencies at the bottom of each),
-    scaled jointly to [0, 1] by the original's range: a ``(C, 2F + gap, T)`` image for
-    ``add_image`` — RGB (magma) when matplotlib is installed, else grey (C = 1)."""
-    low, high = original.min(), original.max()
-    scale = lambda x: ((x - low) / (high - low).clamp(min=1e-6)).clamp(0, 1).flip(0)  # noqa: E731
-    separator = torch.ones(gap, original.shape[1], device=original.device)
-    grey = torch.cat([scale(original), separator, scale(recon)], dim=0).float().cpu()  # (2F + gap, T)
+def spectrogram_picture(*log_mels: torch.Tensor, gap: int = 2) -> torch.Tensor:
+    """Log-mels ``(F, T)`` stacked top to bottom (e.g. original over reconstruction; low
+    frequencies at the bottom of each), scaled jointly to [0, 1] by the first one's range:
+    a ``(C, n F + (n - 1) gap, T)`` image for ``add_image`` — RGB (magma) when matplotlib is
+    installed, else grey (C = 1)."""
+    first = log_mels[0]
+    low, high = first.min(), first.max()
+    scale = lambda x: ((x.float() - low) / (high - low).clamp(min=1e-6)).clamp(0, 1).flip(0)  # noqa: E731
+    separator = torch.ones(gap, first.shape[1], device=first.device)
+    rows = [part for i, mel in enumerate(log_mels) for part in ((separator,) if i else ()) + (scale(mel),)]
+    grey = torch.cat(rows, dim=0).float().cpu()  # (n F + (n - 1) gap, T)
     try:
         from matplotlib import colormaps
     except ImportError:

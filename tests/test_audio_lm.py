@@ -105,6 +105,29 @@ def test_mntp_changes_the_step(sp_model):
     assert not torch.allclose(masked, plain)
 
 
+def test_next_token_flag_separates_plain_next_token_draws_from_skipped_targets(sp_model):
+    """``next_token`` (logged as train/loss_next_token vs train/loss_skipped_target) is True
+    exactly where a draw's target follows its slot's own input token: everywhere under NTP,
+    and under MNTP only there — recomputed here from the masked inputs themselves."""
+    system = make_system(sp_model, "mntp.mode=drop")
+    batch = make_batch()
+    plain = system.diffusion_loss(batch, torch.zeros(4), torch.Generator().manual_seed(0), p_uncond=0.0)
+    assert plain["next_token"][plain["weight"] > 0].all()
+    out = system.diffusion_loss(batch, torch.full((4,), 0.6), torch.Generator().manual_seed(0), p_uncond=0.0)
+    generator = torch.Generator().manual_seed(0)
+    torch.rand(4, generator=generator)  # diffusion_loss draws its text dropout first
+    inputs = make_mntp_inputs(batch["tokens"], batch["token_mask"], torch.full((4,), 0.6), mode="drop",
+                              predict_skipped=system.cfg.mntp.predict_skipped, generator=generator)
+    expected = []
+    for b in range(4):  # slot 0 sits before token 0 (k = -1), slot j + 1 at input j's original index
+        positions = [-1] + inputs.position_ids[b].tolist()
+        count = int(inputs.slot_counts[b])
+        expected += [int(inputs.target_ids[b, j]) == positions[j] + 1 for j in range(count)]
+    real = out["weight"] > 0
+    assert out["next_token"].tolist() == expected * system.head.batch_mul  # draw r of row i at r * K + i
+    assert (~out["next_token"][real]).any() and out["next_token"][real].any()  # both kinds occur at ratio 0.6
+
+
 def test_no_kept_position_sees_a_later_or_dropped_token(sp_model):
     """Through gradients: the output at kept position j (original index k_j) depends on no
     original token with index > k_j, dropped or kept."""

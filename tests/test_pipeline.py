@@ -54,7 +54,7 @@ def tiny_overrides(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    cfg = load_config("demo", tiny_overrides(root))
+    cfg = load_config("demo", [*tiny_overrides(root), "sample.every_steps=4"])  # samples at steps 4 and 8
     run_dir = pipeline.run_task(cfg)
     return root, run_dir
 
@@ -79,6 +79,40 @@ def test_demo_pipeline_writes_samples_checkpoints_and_logs(demo_run):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["config"]["model"]["width"] == 32  # resolved config in every checkpoint
     assert ckpt["hyper_parameters"]["pretransform_fingerprint"]
+
+
+def test_tensorboard_reads_back_training_curves_samples_and_hparams(demo_run):
+    """What `make tensorboard` shows, read back with TensorBoard's own event reader: the
+    training scalars, and per render (steps 4 and 8, EMA weights) audio + log-mel image at
+    each CFG scale with the captions as text; the HParams tab with the final metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    root, run_dir = demo_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"audio": 0, "images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/loss_next_token", "train/loss_skipped_target", "train_loss_by_t/50", "val/loss",
+            "val/caption_gain", "lr-AdamW/pg1", "train/grad_norm", "train/clipped_steps", "train/audio_tokens_per_s",
+            "train/step_time_s", "final/val/loss"} <= set(tags["scalars"])
+    # tokens/s = (audio tokens in a step) / (time per step): 8 clips of 2 s = 8 × 50 tokens a step
+    speed, step_time = events.Scalars("train/audio_tokens_per_s")[-1].value, events.Scalars("train/step_time_s")[-1].value
+    assert speed > 0 and step_time > 0 and speed * step_time == pytest.approx(400, rel=1e-3)
+    for scale in ("5", "1", "3"):  # sample.cfg_scale of the demo, then sample.extra_cfg_scales
+        for i in ("00", "01"):
+            audio = events.Audio(f"samples/cfg_{scale}/{i}")
+            assert [a.step for a in audio] == [4, 8] and all(a.sample_rate == 16000 for a in audio)
+            assert [image.step for image in events.Images(f"samples/cfg_{scale}/{i}/mel")] == [4, 8]
+        assert len(list((run_dir / "samples" / "step_0000008" / (f"cfg_{scale}" if scale != "5" else "")).glob("*.wav"))) == 2
+    captions = [json.loads((run_dir / "samples" / "step_0000004" / "samples.json").read_text())["samples"][i]["caption"]
+                for i in range(2)]
+    for i, caption in enumerate(captions):
+        texts = events.Tensors(f"samples/{i:02d}/caption/text_summary")
+        assert [t.step for t in texts] == [4, 8] and caption in texts[-1].tensor_proto.string_val[0].decode()
+    hparams = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert "final/val/loss" in {m.name.tag for m in experiment.metric_infos}
+    session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["model/width"].number_value == 32 and session.hparams["mntp/ratio/kind"].string_value == "mixture"
 
 
 def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
