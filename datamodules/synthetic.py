@@ -409,7 +409,7 @@ def generate_corpus(
     if progress:
         from tqdm import tqdm
 
-        jobs = tqdm(jobs, desc="synthetic corpus", unit="clip")
+        jobs = tqdm(jobs, desc=f"[corpus] {out_dir.name}", unit="clip", mininterval=2, dynamic_ncols=True)
     entries = []
     for split, index in jobs:
         rng = np.random.default_rng([seed, SPLIT_CODES[split], index])

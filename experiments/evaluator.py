@@ -61,6 +61,7 @@ def evaluator_training_manifest(cfg: DictConfig) -> Path:
         num_val=0,
         num_test=0,
         num_test_novel=max(1, corpus.num_train // NOVEL_SHARE),
+        progress=True,
     )
     entries = [dataclasses.replace(entry, split="train") for entry in read_manifest(manifest)]
     path = directory / TRAIN_MANIFEST
@@ -73,6 +74,7 @@ def evaluator_trainer(cfg: DictConfig, run_dir: Path, max_steps: int, val_every_
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from lightning_modules.callbacks import StepProgressBar
     from lightning_modules.checkpoints import SafeCheckpointIO
 
     return L.Trainer(
@@ -85,7 +87,8 @@ def evaluator_trainer(cfg: DictConfig, run_dir: Path, max_steps: int, val_every_
         check_val_every_n_epoch=None,
         log_every_n_steps=cfg.trainer.log_every_steps,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False),
-        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)],
+        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+                   StepProgressBar(refresh_rate=max(1, int(cfg.trainer.log_every_steps)))],
         plugins=[SafeCheckpointIO()],
         num_sanity_val_steps=0,
         enable_model_summary=False,

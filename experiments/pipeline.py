@@ -79,6 +79,7 @@ def manifest_sources(cfg: DictConfig) -> list[ManifestSource]:
             num_val=corpus.num_val,
             num_test=corpus.num_test,
             num_test_novel=corpus.num_test_novel,
+            progress=True,
         )
         log("corpus", f"synthetic corpus ready at {path} ({time.perf_counter() - start:.1f} s)")
         return [ManifestSource(path=str(path), weight=1.0)]

@@ -564,7 +564,7 @@ class AudioLMSystem(L.LightningModule):
 
             batch = len(captions) if captions is not None else len(prompt_tokens)
             tokens = tqdm(tokens, total=num_tokens, desc=f"[generate] {batch} clip{'s' * (batch != 1)}", unit="token",
-                          leave=False, dynamic_ncols=True)
+                          dynamic_ncols=True)
         new = list(tokens)
         out = torch.stack(new, dim=1) if new else torch.empty(len(captions or prompt_tokens), 0, self.token_dim, device=self.device)
         if prompt_tokens is None:

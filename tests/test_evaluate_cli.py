@@ -7,6 +7,7 @@ metric values. The slow test runs the real demo pipeline end to end on a shrunk 
 """
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -91,10 +92,13 @@ def _tiny_evaluator(path: Path, clip_seconds: float = SECONDS) -> Path:
     return path
 
 
-def test_synthetic_eval_writes_clips_tables_and_reuses_work(tmp_path, stub_lm):
+def test_synthetic_eval_writes_clips_tables_and_reuses_work(tmp_path, stub_lm, capsys):
     evaluator = _tiny_evaluator(tmp_path / "evaluator.pt")
     args = ["demo", "--ckpt", str(stub_lm.ckpt), *_overrides(tmp_path, f"eval.evaluator.path={evaluator}")]
     assert ev.main(args) == 0
+    err = capsys.readouterr().err  # a progress bar with its ETA for every stage that loops over clips
+    for stage in ("test: reference clips", "test: generating", "VAE+vocoder resynthesis"):
+        assert re.search(re.escape(stage) + r".*100%\|.*\d+/\d+ \[[\d:]+<[\d:]+", err), stage
     out = stub_lm.ckpt.parent.parent / "eval"
     results = json.loads((out / "results.json").read_text())
     assert list(results["splits"]) == ["test", "test_novel"]

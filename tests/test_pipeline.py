@@ -2,6 +2,7 @@
 → samples; `make generate` on its checkpoint; cache resume and refusal; exact resume."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,21 @@ def test_tensorboard_reads_back_training_curves_samples_and_hparams(demo_run):
     assert session.hparams["model/width"].number_value == 32 and session.hparams["mntp/ratio/kind"].string_value == "mixture"
 
 
+def test_make_train_shows_progress_with_eta_for_every_long_stage(tmp_path):
+    """`make train` from nothing: the corpus, the VAE's and the LM's training (one bar over
+    trainer.max_steps each, not per epoch) and the latent cache each show a bar with its ETA."""
+    result = subprocess.run([sys.executable, "-m", "experiments.train", "demo", *tiny_overrides(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    eta = r"\[[\d:]+<[\d:]+"
+    assert re.search(r"\[corpus\] synthetic: +100%\|.*\| 44/44 " + eta, output)
+    assert re.search(r"\[cache\] train: +100%\|.*\| 2/2 " + eta, output)
+    assert len(re.findall(r"Training: 100%\|.*\| (\d+)/\1 " + eta + r".*step/s", output)) >= 2  # VAE, then LM
+    assert re.search(r"Training: 100%\|.*\| 8/8 ", output) and re.search(r"Training: 100%\|.*\| 4/4 ", output)
+    assert "Epoch 1" not in output  # one bar for the run
+
+
 def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
     root, run_dir = demo_run
     prompts = tmp_path / "prompts.txt"
@@ -127,6 +143,7 @@ def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"\[generate\] 3 clips: +100%\|.*\| 12/12 \[[\d:]+<[\d:]+", result.stderr)  # tokens, with ETA
     listing = json.loads((out / "samples.json").read_text())
     assert [s["caption"] for s in listing["samples"]] == ["white noise", "a high pitched beep pulsing", "low hum fading away"]
     assert listing["settings"]["cfg_scale"] == 2 and listing["settings"]["steps"] == 3 and listing["settings"]["seed"] == 1
