@@ -29,6 +29,8 @@ OUT ?=
 PYTEST_ARGS ?=
 # make tensorboard / make notebook listen on this address only; HOST=0.0.0.0 opens them to the network
 HOST ?= 127.0.0.1
+# make notebook opens notebooks/$(NB).ipynb
+NB ?= explore_samples
 PORT ?=
 
 .DEFAULT_GOAL := help
@@ -107,9 +109,9 @@ test-full: $(STAMP) ## All tests, including slow end-to-end ones
 tensorboard: $(STAMP) ## Watch training: TensorBoard over runs/ (on 127.0.0.1 unless HOST=0.0.0.0; PORT=)
 	$(VENV)/bin/tensorboard --logdir runs --host $(HOST) $(if $(PORT),--port $(PORT))
 
-notebook: $(STAMP) ## Jupyter Lab on notebooks/ (installs the notebook extra; on 127.0.0.1 unless HOST=0.0.0.0; PORT=)
+notebook: $(STAMP) ## Jupyter Lab opening notebooks/$(NB).ipynb (NB=explore_samples | explore_latent_cache | explore_corpus; on 127.0.0.1 unless HOST=0.0.0.0; PORT=)
 	$(PY) -m pip install -q -e ".[notebook,$(EXTRAS)]"
-	$(VENV)/bin/jupyter lab notebooks/ --ServerApp.ip=$(HOST) $(if $(PORT),--ServerApp.port=$(PORT))
+	$(VENV)/bin/jupyter lab notebooks/$(NB).ipynb --ServerApp.ip=$(HOST) $(if $(PORT),--ServerApp.port=$(PORT))
 
 clean-venv: ## Remove the virtual environment
 	rm -rf $(VENV)
