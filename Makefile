@@ -34,7 +34,7 @@ NB ?= explore_samples
 PORT ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check train cache generate eval evaluator ablate bench gpu-check rehearsal test test-min test-rehearsal test-full tensorboard notebook corpus manifest clean-venv
+.PHONY: help setup check train cache generate eval evaluator ablate bench figures gpu-check rehearsal test test-min test-rehearsal test-full tensorboard notebook corpus manifest clean-venv
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ gpu-check: $(STAMP) ## One GPU, paper shapes, a few minutes: step time, tokens/s
 
 bench: $(STAMP) ## Throughput benchmarks (ratios measured in one run)
 	$(PY) -m experiments.bench $(ARGS)
+
+figures: $(STAMP) ## README pictures from a finished run: make figures [RUN=runs/demo/last] [OUT=docs/figures]
+	$(PY) -m experiments.figures --run $(or $(RUN),runs/demo/last) --out $(or $(OUT),docs/figures)
 
 corpus: $(STAMP) ## Generate the built-in synthetic corpus of an experiment
 	$(PY) -m experiments.corpus $(EXP) $(ARGS)

@@ -131,6 +131,28 @@ def test_make_train_shows_progress_with_eta_for_every_long_stage(tmp_path):
     assert "Epoch 1" not in output  # one bar for the run
 
 
+def test_figures_draw_the_samples_grid_and_learning_curve_of_a_run(demo_run, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    from experiments import figures
+
+    root, run_dir = demo_run
+    assert figures.main(["--run", str(run_dir), "--out", str(tmp_path / "figures")]) == 0
+    samples, curve = tmp_path / "figures" / "demo_samples.png", tmp_path / "figures" / "demo_learning_curve.png"
+    printed = capsys.readouterr().out
+    assert str(samples) in printed and str(curve) in printed
+    grid = imread(samples)  # 2 captions × 3 CFG scales at 80 dpi: (2 × 1.9 in, 3 × 3.2 in)
+    assert grid.shape[:2] == (304, 768) and grid.std() > 0.05
+    assert imread(curve).shape[:2] == (240, 800)
+    scalars = figures.read_scalars(run_dir)
+    assert list(scalars["val/loss"][0]) == [3, 7]  # Lightning logs a validation at the step index before the count
+    empty = tmp_path / "runs" / "demo" / "empty"
+    empty.mkdir(parents=True)
+    (empty / "summary.json").write_text("{}")
+    assert figures.main(["--run", str(empty), "--out", str(tmp_path / "figures")]) == 2
+    assert "holds no step_* folder" in capsys.readouterr().err
+
+
 def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
     root, run_dir = demo_run
     prompts = tmp_path / "prompts.txt"
