@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,9 @@ def test_cli_builds_and_fails_clearly(audiocaps_dir, tmp_path, capsys):
     )
     assert code == 0 and len(read_manifest(out)) == 3
     assert "missing" in capsys.readouterr().out
+    # again, with the progress bar: it starts at the clips the check journal already holds (all 6 here)
+    assert build_manifest_main(["audiocaps", "--csv-dir", str(csv_dir), "--audio-dir", str(audio_dir), "--out", str(out)]) == 0
+    assert re.search(r"checking audiocaps clips: 100%\|.*\| 6/6 \[[\d:]+<", capsys.readouterr().err)
     code = build_manifest_main(
         ["audiocaps", "--csv-dir", str(tmp_path / "nope"), "--audio-dir", str(audio_dir), "--out", str(out)]
     )
