@@ -318,21 +318,26 @@ class SyntheticSuite:
                 f"has {clip_seconds:g} s clips (corpus.clip_seconds); retrain it with `make evaluator`"
             )
         self.evaluator = evaluator.to(device).eval()
-        self.identity = {"model": "attribute_evaluator", "file": file_identity(evaluator_path)}
+        self.identity = {"model": "attribute_evaluator", "file": file_identity(evaluator_path),
+                         "physical_judge": PHYSICAL_JUDGE_VERSION}
         self.is_splits = is_splits
         self.batch_size = batch_size
         self.device = device
 
     @torch.no_grad()
     def outputs(self, folder: Path, clips: list[EvalClip], num_samples: int, desc: str) -> dict:
-        embeddings, logits = [], {name: [] for name in self.evaluator.attributes}
+        from lightning_modules.physical_judge import judge_clip
+
+        embeddings, logits, physical = [], {name: [] for name in self.evaluator.attributes}, []
         for batch in progress(batched(clips, self.batch_size), math.ceil(len(clips) / self.batch_size), desc):
-            out = self.evaluator.predict(read_clips(folder, [c.id for c in batch], num_samples).to(self.device))
+            waves = read_clips(folder, [c.id for c in batch], num_samples)
+            out = self.evaluator.predict(waves.to(self.device))
             embeddings.append(out["embedding"].cpu())
             for name in logits:
                 logits[name].append(out["logits"][name].cpu())
+            physical += [judge_clip(wave, EVAL_SAMPLE_RATE) for wave in waves.numpy()]
         return {"ids": [c.id for c in clips], "embedding": torch.cat(embeddings),
-                "logits": {k: torch.cat(v) for k, v in logits.items()}}
+                "logits": {k: torch.cat(v) for k, v in logits.items()}, "physical": physical}
 
     def score(self, ref: dict, gen: dict, clips: list[EvalClip]) -> dict[str, Any]:
         from lightning_modules.metrics import AttributeAccuracy, FrechetDistance, InceptionScore, PairedKLDivergence
@@ -363,6 +368,11 @@ class SyntheticSuite:
         for name, value in zip(self.evaluator.attributes, values):
             result[f"acc/{name}"] = value
         result["acc/all"] = values[-1]
+        # The second judge: plain signal measurements (lightning_modules.physical_judge).
+        judged = [[p[name] == c.labels[name] for name in self.evaluator.attributes] for p, c in zip(gen["physical"], clips)]
+        for i, name in enumerate(self.evaluator.attributes):
+            result[f"phys/{name}"] = float(np.mean([row[i] for row in judged]))
+        result["phys/all"] = float(np.mean([all(row) for row in judged]))
         return result
 
 
@@ -449,7 +459,9 @@ class AudioSetSuite:
 # ----------------------------------------------------------------------------- tables
 
 
-SYNTHETIC_COLUMNS = [("fd", "FD ↓"), ("kl", "KL ↓"), ("is", "IS ↑"), ("acc/all", "all attrs ✓ ↑")]
+SYNTHETIC_COLUMNS = [("fd", "FD ↓"), ("kl", "KL ↓"), ("is", "IS ↑"), ("acc/all", "all attrs ✓ ↑"),
+                     ("phys/all", "all attrs ✓ physical ↑")]
+PHYSICAL_JUDGE_VERSION = "physical-v1"  # part of the reference cache key: bump when the judge changes
 AUDIOSET_COLUMNS = [("fad", "FAD ↓"), ("fd", "FD ↓"), ("kl", "KL ↓"), ("kl_sigmoid", "KL sigm. ↓"), ("is", "IS ↑"), ("clap", "CLAP ↑")]
 
 
@@ -472,11 +484,12 @@ def results_markdown(results: dict) -> str:
     for split, split_result in results["splits"].items():
         rows = split_result["rows"]
         extra = list(results.get("attributes", [])) if synthetic else []
-        header = ["system"] + [c[1] for c in columns] + [f"acc {a}" for a in extra]
+        header = ["system"] + [c[1] for c in columns] + [f"acc {a}" for a in extra] + [f"phys {a}" for a in extra]
         lines += [f"## {split} ({split_result['num_clips']} clips)", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         for row_name, metrics in rows.items():
-            cells = [row_name] + [_fmt(metrics.get(key)) for key, _ in columns] + [_fmt(metrics.get(f"acc/{a}")) for a in extra]
+            cells = ([row_name] + [_fmt(metrics.get(key)) for key, _ in columns] + [_fmt(metrics.get(f"acc/{a}")) for a in extra]
+                     + [_fmt(metrics.get(f"phys/{a}")) for a in extra])
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if synthetic:
@@ -485,7 +498,9 @@ def results_markdown(results: dict) -> str:
             "labels (the best any generator can do); *VAE+vocoder resynthesis* = reference clips through the "
             "pretransform (the ceiling for an LM over these latents); *shuffled captions* / *noise* = floors. "
             "FD on evaluator embeddings; KL = Σ over attributes of paired softmax KL(reference ‖ generated); "
-            "IS = mean over attributes; accuracy against the caption's labels.",
+            "IS = mean over attributes; accuracy against the caption's labels: *acc* by the learned attribute "
+            "evaluator, *phys* by the physical judge (signal measurements, no training: "
+            "`lightning_modules/physical_judge.py`).",
             "",
         ]
         if results.get("evaluator_accuracy"):
@@ -629,7 +644,7 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
                 split_rows[row] = suite.score(ref_out, gen_out, clips)
             else:
                 split_rows[row] = suite.score(ref_out, gen_out, clips, folder, num_samples)
-            log(f"{split} / {row}: " + ", ".join(f"{k} {v:.3f}" for k, v in split_rows[row].items() if isinstance(v, float) and "/" not in k))
+            log(f"{split} / {row}: " + ", ".join(f"{k} {v:.3f}" for k, v in split_rows[row].items() if isinstance(v, float) and ("/" not in k or k in ("acc/all", "phys/all"))))
         results["splits"][split] = {"num_clips": len(clips), "generation_seconds": round(gen_seconds, 1),
                                     "folder": str(split_dir), "rows": split_rows}
     results["num_clips_note"] = "clips per split: " + ", ".join(counts)

@@ -106,7 +106,9 @@ def test_synthetic_eval_writes_clips_tables_and_reuses_work(tmp_path, stub_lm, c
     rows = results["splits"]["test"]["rows"]
     assert list(rows) == ["model", "oracle (fresh real clips)", "VAE+vocoder resynthesis", "shuffled captions", "noise"]
     for metrics in rows.values():
-        assert {"fd", "kl", "is", "acc/all", "acc/source", "kl/pattern2"} <= set(metrics)
+        assert {"fd", "kl", "is", "acc/all", "acc/source", "kl/pattern2", "phys/all", "phys/pattern2"} <= set(metrics)
+        assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith("phys/"))
+    assert rows["oracle (fresh real clips)"]["phys/all"] >= 0.8  # the physical judge reads real clips right
     # Identical files score FD 0 and KL 0 against themselves; the shuffled row has the same clips under other ids.
     for split in ("test", "test_novel"):
         ids = sorted(p.stem for p in (out / split / "reference").glob("*.wav"))
@@ -126,7 +128,7 @@ def test_synthetic_eval_writes_clips_tables_and_reuses_work(tmp_path, stub_lm, c
     assert stub_lm.calls[0] == ([first["test_00000"], first["test_00001"]], 0)
     assert [seed for _, seed in stub_lm.calls] == [0, 1, 2, 0, 1]
     table = (out / "results.md").read_text()
-    assert "## test (5 clips)" in table and "| noise |" in table and "acc pattern2" in table
+    assert "## test (5 clips)" in table and "| noise |" in table and "acc pattern2" in table and "phys pattern2" in table
 
     # Second run: generation resumes (nothing re-rendered), reference embeddings come from the cache.
     cache_files = sorted((tmp_path / "data" / "eval_cache").glob("*.pt"))
