@@ -88,17 +88,22 @@ class AudioSamplesCallback(L.Callback):
         self._last_rendered_step = -1
 
     def _render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every rank renders the same samples (a sharded model's forward needs all ranks:
+        FSDP gathers each layer's weights; under DDP the others would only wait); global
+        rank zero writes the wavs and the TensorBoard events."""
         step = trainer.global_step
-        if not self.captions or step == self._last_rendered_step or not trainer.is_global_zero:
+        if not self.captions or step == self._last_rendered_step:
             return
         self._last_rendered_step = step
-        experiment = getattr(trainer.logger, "experiment", None)
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
         writer = experiment if experiment is not None and hasattr(experiment, "add_audio") else None
         was_training = pl_module.training
         pl_module.eval()
         try:
             for index, scale in enumerate(self.cfg_scales):
                 waves = self.render(pl_module, self.captions, cfg_scale=scale).float().cpu()  # (B, S)
+                if not trainer.is_global_zero:
+                    continue
                 folder = self.out_dir / f"step_{step:07d}"
                 write_samples(folder if index == 0 else folder / f"cfg_{scale:g}", waves, self.captions,
                               self.sample_rate, {**self.settings, "cfg_scale": scale})
@@ -106,7 +111,7 @@ class AudioSamplesCallback(L.Callback):
                     self._to_tensorboard(writer, waves, scale, step)
         finally:
             pl_module.train(was_training)
-        if writer is not None:
+        if writer is not None:  # rank zero
             for i, caption in enumerate(self.captions):
                 writer.add_text(f"samples/{i:02d}/caption", caption, step)
 

@@ -88,7 +88,7 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> float:
 def test_ddp_two_processes_equal_one_process_accumulating(rehearsal):
     root, _ = rehearsal
     ddp_out = train_cli(["masked_base", *overrides_for(rehearsal, "ddp"),
-                         "trainer.devices=2", "trainer.strategy=ddp"])
+                         "trainer.devices=2", "trainer.strategy=ddp", "sample.every_steps=3"])
     assert "2 devices × 4 clips × 1 accumulated = 8 clips per optimizer step" in ddp_out
     assert "Starting with 2 processes" in ddp_out
     (ddp_run,) = run_dirs(root / "ddp", "masked_base")  # one run directory for both ranks
@@ -97,6 +97,10 @@ def test_ddp_two_processes_equal_one_process_accumulating(rehearsal):
     assert ddp_out.count("frozen T5 + CLAP run once") == 1 and list(caches[0].glob("text_*.pt"))
     summary = json.loads((ddp_run / "summary.json").read_text())
     assert summary["world_size"] == 2
+    # Mid-run samples: every rank renders (a sharded model needs them all), rank zero writes once.
+    for step in ("0000003", "0000006"):
+        listing = json.loads((ddp_run / "samples" / f"step_{step}" / "samples.json").read_text())
+        assert len(listing["samples"]) == 2 and len(list((ddp_run / "samples" / f"step_{step}").glob("*.wav"))) == 2
 
     single_out = train_cli(["masked_base", *overrides_for(rehearsal, "single"),
                             "trainer.devices=1", "trainer.accumulate_grad_batches=2"])
