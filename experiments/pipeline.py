@@ -178,7 +178,8 @@ def build_trainer(
         enable_version_counter=False,  # last.ckpt is one file, also written by the preemption callback
     )
     # SIGTERM / Ctrl-C → last.ckpt; and last.ckpt every trainer.ckpt_every_minutes
-    safety = PreemptionCheckpoint(run_dir / "checkpoints", every_minutes=float(trainer_cfg.get("ckpt_every_minutes", 0) or 0))
+    safety = PreemptionCheckpoint(run_dir / "checkpoints", every_minutes=float(trainer_cfg.get("ckpt_every_minutes", 0) or 0),
+                                  step_interval=ckpt_every_steps or val_every_steps)
     keep = int(trainer_cfg.get("keep_checkpoints", -1)) if ckpt_every_steps else -1
     return L.Trainer(
         default_root_dir=run_dir,

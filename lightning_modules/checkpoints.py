@@ -132,8 +132,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM or Ctrl-C: write ``<dirpath>/last.ckpt`` before Lightning exits; and
-    every ``every_minutes`` of training, refresh it (what a SIGKILL or power loss can cost).
+    """On SIGTERM or Ctrl-C: write ``<dirpath>/last.ckpt`` before Lightning exits; every
+    ``every_minutes`` of training, refresh it (what a SIGKILL or power loss can cost); and
+    after the final step when the step-checkpoint interval does not reach it.
 
     Lightning's signal connector records SIGTERM (``trainer.received_sigterm``; in
     multi-process runs rank zero's flag is broadcast before every batch) and raises
@@ -153,9 +154,13 @@ class PreemptionCheckpoint(L.Callback):
     for a collective it does not need.
     """
 
-    def __init__(self, dirpath: str | os.PathLike, every_minutes: float = 0.0) -> None:
+    def __init__(self, dirpath: str | os.PathLike, every_minutes: float = 0.0, step_interval: int = 0) -> None:
+        """``step_interval``: the ModelCheckpoint's ``every_n_train_steps``. When
+        ``trainer.max_steps`` is not a multiple of it, the final step would be in no
+        checkpoint; this callback then writes last.ckpt after it (0: never)."""
         self.dirpath = Path(dirpath)
         self.every_s = float(every_minutes) * 60.0
+        self.step_interval = int(step_interval)
         self._held_back = False
         self._last_save = time.monotonic()
 
@@ -170,6 +175,12 @@ class PreemptionCheckpoint(L.Callback):
             connector.received_sigterm, self._held_back = False, True
         elif self._held_back and at_step_boundary:
             connector.received_sigterm, self._held_back = True, False
+        final = at_step_boundary and 0 < trainer.max_steps <= trainer.global_step
+        if final and self.step_interval > 0 and trainer.global_step % self.step_interval != 0:
+            # Before the EMA callback's on_train_end copies the averaged weights into the
+            # model: a run extended with trainer.resume=last continues from the raw weights.
+            trainer.save_checkpoint(self.path)
+            return
         if self.every_s > 0 and at_step_boundary and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             due = trainer.strategy.broadcast(time.monotonic() - self._last_save >= self.every_s, src=0)
             if due:
