@@ -28,6 +28,16 @@ from datamodules.atomic import atomic_path
 from lightning_modules.parts.mel import MelFrontEnd
 
 
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 class FigureError(Exception):
     """A run without what a figure needs (named in the message)."""
 
@@ -45,11 +55,7 @@ def sample_folders(run_dir: Path) -> tuple[Path, list[tuple[float, Path]]]:
 
 def samples_figure(run_dir: Path, out: Path, max_captions: int = 4) -> Path:
     """Rows: captions; columns: CFG scales. -> the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     latest, scaled = sample_folders(run_dir)
     listings = {scale: json.loads((folder / "samples.json").read_text())["samples"] for scale, folder in scaled}
     captions = [entry["caption"] for entry in next(iter(listings.values()))][:max_captions]
@@ -113,11 +119,7 @@ def smooth(values: np.ndarray, width: int = 5) -> np.ndarray:
 
 def learning_curve_figure(run_dir: Path, out: Path) -> Path:
     """Losses (left) and caption gain (right) over optimizer steps. -> the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     scalars = read_scalars(run_dir)
     if "train/loss" not in scalars:
         raise FigureError(f"{run_dir / 'tensorboard'} has no train/loss: is it a language-model run?")

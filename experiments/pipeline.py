@@ -168,18 +168,19 @@ def build_trainer(
     # (datamodules.audio_datamodule.resume_sampler), so this warning does not apply.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer_cfg = cfg.trainer
+    step_interval = ckpt_every_steps or val_every_steps
     checkpoint = ModelCheckpoint(  # step checkpoints (the newest trainer.keep_checkpoints are kept) and last.ckpt
         dirpath=run_dir / "checkpoints",
         filename="step{step:07d}",
         auto_insert_metric_name=False,
-        every_n_train_steps=ckpt_every_steps or val_every_steps,
+        every_n_train_steps=step_interval,
         save_top_k=-1 if ckpt_every_steps else 1,
         save_last=True,
         enable_version_counter=False,  # last.ckpt is one file, also written by the preemption callback
     )
     # SIGTERM / Ctrl-C → last.ckpt; and last.ckpt every trainer.ckpt_every_minutes
     safety = PreemptionCheckpoint(run_dir / "checkpoints", every_minutes=float(trainer_cfg.get("ckpt_every_minutes", 0) or 0),
-                                  step_interval=ckpt_every_steps or val_every_steps)
+                                  step_interval=step_interval)
     keep = int(trainer_cfg.get("keep_checkpoints", -1)) if ckpt_every_steps else -1
     return L.Trainer(
         default_root_dir=run_dir,
@@ -698,9 +699,9 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     check_distributed_settings(cfg)
-    scales = [cfg.sample.cfg_scale, *cfg.sample.extra_cfg_scales]
+    scales = [cfg.sample.cfg_scale, *[s for s in cfg.sample.extra_cfg_scales if s != cfg.sample.cfg_scale]]
     if any(float(scale) < 0 for scale in scales):
-        raise ConfigError(f"sample.cfg_scale and sample.extra_cfg_scales must be ≥ 0, got {list(scales)}")
+        raise ConfigError(f"sample.cfg_scale and sample.extra_cfg_scales must be ≥ 0, got {scales}")
     set_threads(cfg)
     loaded: dict[str, Any] = {}
     record = ranks.prepare_once(
@@ -743,7 +744,7 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
         out_dir=run_dir / "samples",
         every_n_steps=cfg.sample.every_steps,
         settings=container(cfg.sample),
-        cfg_scales=[cfg.sample.cfg_scale, *[s for s in cfg.sample.extra_cfg_scales if s != cfg.sample.cfg_scale]],
+        cfg_scales=scales,
         picture=log_mel_picture_fn(pretransform),
     )
     callbacks: list[L.Callback] = [samples, *extra_callbacks]

@@ -293,10 +293,10 @@ class AudioLMSystem(L.LightningModule):
         batch_size = batch["tokens"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
         self.log("train/mask_ratio", float(ratios.mean()), batch_size=batch_size)
-        self._accumulate_loss_by_timestep(out, batch)
+        self._accumulate_train_sums(out, batch)
         return out["loss"]
 
-    def _accumulate_loss_by_timestep(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+    def _accumulate_train_sums(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
         """Add a step's draws to sums on the device — per timestep bucket, next-token vs
         skipped-target draws, and the audio tokens seen — without a host sync (see
         :meth:`on_train_batch_end`, which writes the means at the logging interval)."""

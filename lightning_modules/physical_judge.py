@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from datamodules.synthetic import PITCH_HZ  # the pitches the corpus synthesises
+
 SAMPLE_RATE = 16000
 FRAME = 160  # 10 ms hop of every envelope / spectrogram frame
 N_FFT = 1024
-PITCH_HZ = {"low": 220.0, "medium": 440.0, "high": 880.0}
 ACTIVE_DB = -20.0  # frames within this of the event's loudest frame describe its source
 TONAL_FLATNESS = 0.2  # median spectral flatness below: tone / buzz / sweep
 SWEEP_OCTAVES = 1.0  # peak frequency change (first vs last active quarter) above: sweep
