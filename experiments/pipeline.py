@@ -37,6 +37,7 @@ from lightning_modules.callbacks import AudioSamplesCallback, StepProgressBar
 from lightning_modules.checkpoints import (
     CheckpointError,
     PreemptionCheckpoint,
+    RawKeepingEMA,
     SafeCheckpointIO,
     load_checkpoint,
     verify_checkpoint_file,
@@ -696,8 +697,6 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
     every rank then trains on its shard of each optimizer step, and only rank zero writes
     logs, checkpoints, samples and ``summary.json``.
     """
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-
     check_distributed_settings(cfg)
     scales = [cfg.sample.cfg_scale, *[s for s in cfg.sample.extra_cfg_scales if s != cfg.sample.cfg_scale]]
     if any(float(scale) < 0 for scale in scales):
@@ -749,7 +748,7 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
     )
     callbacks: list[L.Callback] = [samples, *extra_callbacks]
     if cfg.optim.ema_decay > 0:  # EMA first: the samples callback then sees the averaged weights
-        callbacks.insert(0, EMAWeightAveraging(
+        callbacks.insert(0, RawKeepingEMA(
             decay=cfg.optim.ema_decay, update_starting_at_step=cfg.optim.ema_start_step, use_buffers=True
         ))
     trainer = build_trainer(

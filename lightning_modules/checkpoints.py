@@ -12,6 +12,8 @@
 - :class:`PreemptionCheckpoint` writes ``last.ckpt`` when the job is told to stop
   (SIGTERM: SLURM preemption, ``kill``, a cluster scheduler; Ctrl-C), at the end of the
   optimizer step in progress, before Lightning exits.
+- :class:`RawKeepingEMA` is Lightning's EMA whose checkpoints hold the raw weights even
+  when written after training ends.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.atomic import atomic_path
@@ -177,8 +180,6 @@ class PreemptionCheckpoint(L.Callback):
             connector.received_sigterm, self._held_back = True, False
         final = at_step_boundary and 0 < trainer.max_steps <= trainer.global_step
         if final and self.step_interval > 0 and trainer.global_step % self.step_interval != 0:
-            # Before the EMA callback's on_train_end copies the averaged weights into the
-            # model: a run extended with trainer.resume=last continues from the raw weights.
             trainer.save_checkpoint(self.path)
             return
         if self.every_s > 0 and at_step_boundary and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
@@ -195,3 +196,35 @@ class PreemptionCheckpoint(L.Callback):
             reason = "SIGTERM" if isinstance(exception, SIGTERMException) else "interrupted"
             print(f"[lm] {reason}: wrote {self.path} at step {trainer.global_step}; "
                   "continue with ARGS=\"trainer.resume=last\"", flush=True)
+
+
+class RawKeepingEMA(EMAWeightAveraging):
+    """Lightning's :class:`EMAWeightAveraging`, except that a checkpoint written after
+    training ends still holds the raw (optimised) weights as ``current_model_state``.
+
+    Lightning's callback *copies* the averaged weights into the model in ``on_train_end``;
+    a save after that — ModelCheckpoint's ``save_last`` on train end, which runs whenever no
+    ``last.ckpt`` was written during the fit (a resumed run whose steps miss the
+    checkpoint interval, a resume of a finished run) — then stored the averages as the raw
+    weights too, and a run continued from that file resumed from the EMA, not from where
+    the optimizer was. Here ``on_train_end`` *swaps* the two sets instead: the model holds
+    the averages (as before: samples, evaluation and ``state_dict`` see the EMA) and the
+    averaged-model copy holds the raw weights, which later checkpoints store.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swapped_at_end = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self._average_model is not None
+        self._swap_models(pl_module)
+        self._swapped_at_end = True
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._average_model is None or not getattr(self, "_swapped_at_end", False):
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            return
+        # checkpoint["state_dict"] is the model's: the averages. The raw weights are in the copy.
+        held = self._average_model.state_dict()
+        checkpoint["current_model_state"] = {name[7:]: value for name, value in held.items() if name.startswith("module.")}
+        checkpoint["averaging_state"] = {name: value for name, value in held.items() if not name.startswith("module.")}

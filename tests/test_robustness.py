@@ -207,16 +207,21 @@ def test_resume_from_every_step_of_an_epoch_continues_exactly(tmp_path):
 def test_the_final_step_is_in_last_ckpt_when_max_steps_is_off_the_checkpoint_interval(tmp_path):
     """max_steps 5 with step checkpoints every 4: last.ckpt holds step 5 — the weights a run
     checkpointing every step ends with — where it held step 4 before (the final step was
-    lost, and a resumed run ended one step short)."""
+    lost, and a resumed run ended one step short); so does a run resumed from step 4."""
     base = [*tiny_overrides(tmp_path), "trainer.max_steps=5", "trainer.keep_checkpoints=-1", "trainer.val_every_steps=100000"]
     every_4 = pipeline.run_task(load_config("demo", [*base, "trainer.ckpt_every_steps=4"]))
     every_1 = pipeline.run_task(load_config("demo", [*base, "trainer.ckpt_every_steps=1"]))
     assert load_checkpoint(every_4 / "checkpoints" / "last.ckpt")["global_step"] == 5
     a, b = run_weights(every_4), run_weights(every_1)
     assert len(a) > 20 and max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
+    # Resumed from step 4, the run writes no interval checkpoint, so Lightning's ModelCheckpoint
+    # also saves last.ckpt after training ends — after the EMA callback has put the averages
+    # into the model. The raw weights must still be the optimizer's (they were the EMA's).
     resumed = pipeline.run_task(load_config("demo", [*base, "trainer.ckpt_every_steps=4",
                                                      f"trainer.resume={every_4 / 'checkpoints' / 'step0000004.ckpt'}"]))
     assert load_checkpoint(resumed / "checkpoints" / "last.ckpt")["global_step"] == 5
+    c = run_weights(resumed)
+    assert max((a[k].float() - c[k].float()).abs().max().item() for k in a) == 0.0
 
 
 def test_sigterm_writes_a_loadable_checkpoint_and_exits_143(tmp_path):
