@@ -209,7 +209,11 @@ def build_trainer(
 
 
 def resolve_resume(cfg: DictConfig) -> str | None:
-    """``trainer.resume``: null, a checkpoint path, or ``last`` (this experiment's newest run)."""
+    """``trainer.resume``: null, a checkpoint path, or ``last`` (this experiment's newest run).
+
+    Refused before any work: a missing, truncated or corrupt file, and one already at
+    ``trainer.max_steps`` (the run would train nothing and become ``last`` without weights).
+    """
     resume = cfg.trainer.resume
     if resume is None:
         return None
@@ -223,6 +227,12 @@ def resolve_resume(cfg: DictConfig) -> str | None:
         verify_checkpoint_file(path)  # a truncated / corrupt file is refused before any work
     except CheckpointError as error:
         raise ConfigError(f"trainer.resume: {error}") from None
+    step = int(load_checkpoint(path, mmap=True).get("global_step", 0))  # mmap: reads the header, not the weights
+    if 0 < int(cfg.trainer.max_steps) <= step:
+        raise ConfigError(
+            f"trainer.resume: checkpoint {path} is at step {step} and trainer.max_steps={cfg.trainer.max_steps}: "
+            f"nothing is left to train — raise trainer.max_steps to continue the run"
+        )
     for stale in remove_stale_temporaries(path.parent):  # the interrupted run's half-written saves
         log("lm", f"removed {stale.name}, a save interrupted when {path.parent.parent.name} was stopped")
     return str(path)

@@ -224,6 +224,15 @@ def test_the_final_step_is_in_last_ckpt_when_max_steps_is_off_the_checkpoint_int
     assert max((a[k].float() - c[k].float()).abs().max().item() for k in a) == 0.0
 
 
+def test_resuming_a_finished_run_is_refused_and_last_still_points_to_it(tmp_path):
+    base = [*tiny_overrides(tmp_path), "trainer.max_steps=2", "trainer.val_every_steps=100000"]
+    finished = pipeline.run_task(load_config("demo", base))
+    with pytest.raises(ConfigError, match=r"last\.ckpt is at step 2 and trainer\.max_steps=2: nothing is left to train"):
+        pipeline.run_task(load_config("demo", [*base, "trainer.resume=last"]))
+    assert (tmp_path / "runs" / "demo" / "last").resolve() == finished.resolve()
+    assert len(list((tmp_path / "runs" / "demo").glob("2*"))) == 1
+
+
 def test_sigterm_writes_a_loadable_checkpoint_and_exits_143(tmp_path):
     overrides = [*tiny_overrides(tmp_path), "trainer.max_steps=100000", "trainer.ckpt_every_steps=100000",
                  "trainer.val_every_steps=100000", "trainer.log_every_steps=1"]
