@@ -119,6 +119,7 @@ def train_evaluator(cfg: DictConfig) -> Path:
         embed_dim=ev.embed_dim,
         lr=ev.lr,
         max_steps=ev.max_steps,
+        splice_share=ev.splice_share,
     )
     trainer = evaluator_trainer(cfg, run_dir, ev.max_steps, ev.val_every_steps)
     start = time.perf_counter()

@@ -164,12 +164,59 @@ class AttributeEvaluator(nn.Module):
         return model.eval()
 
 
+SPLICE_CROSSFADE_S = 0.01  # the spliced halves meet through a 10 ms linear crossfade (no click)
+
+
+def splice_sequences(
+    wave: torch.Tensor, labels: Sequence[Mapping[str, str]], share: float, sample_rate: int = 16000
+) -> tuple[torch.Tensor, list[dict[str, str]]]:
+    """Gapless "A followed by B" clips made from single-event clips, as generated audio has them.
+
+    The corpus' sequences are two events rendered apart, each with its own onset and
+    offset ramps at the midpoint; a generated clip that changes halfway (a pulse that stops,
+    a buzz that turns to hiss) has no such seam, and an evaluator trained only on real
+    sequences calls it one event. Here a ``share`` of the batch's single clips are replaced
+    by their own first half followed by the second half of another single clip of a
+    different (source, pitch, pattern), labelled the sequence of the two events. Half of a
+    steady, pulsing or swept event is still one; a fade keeps its name only in the half
+    that reaches silence, so a fade-out clip never gives the first half and a fade-in clip
+    never the second (those clips stay as they are).
+
+    wave: (B, S) clips; labels: B label dicts (``datamodules.synthetic.LABEL_VALUES`` keys).
+    Returns new (B, S) waves and label dicts; the inputs are not modified. The partner and
+    the clips changed are drawn from torch's global generator (seeded per run).
+    """
+    labels = [dict(l) for l in labels]
+    singles = [i for i, l in enumerate(labels) if l["structure"] == "single"]
+    event = lambda l: (l["source"], l["pitch"], l["pattern"])  # noqa: E731
+    seconds = [j for j in singles if labels[j]["pattern"] != "fade_in"]  # clips that may give a second half
+    if share <= 0 or not seconds:
+        return wave, labels
+    half, fade = wave.shape[1] // 2, max(1, int(SPLICE_CROSSFADE_S * sample_rate))
+    ramp = torch.linspace(0.0, 1.0, 2 * fade, device=wave.device, dtype=wave.dtype)
+    chosen, draws = torch.rand(len(singles)) < share, torch.rand(len(singles))
+    out, originals = wave.clone(), [dict(l) for l in labels]
+    for k, i in enumerate(singles):
+        first = originals[i]
+        partners = [j for j in seconds if event(originals[j]) != event(first)]
+        if not chosen[k] or first["pattern"] == "fade_out" or not partners:
+            continue
+        j = partners[min(int(draws[k] * len(partners)), len(partners) - 1)]
+        second = originals[j]
+        out[i, half + fade:] = wave[j, half + fade:]
+        out[i, half - fade:half + fade] = wave[i, half - fade:half + fade] * (1 - ramp) + wave[j, half - fade:half + fade] * ramp
+        labels[i] = {"structure": "sequence", "source": first["source"], "pitch": first["pitch"], "pattern": first["pattern"],
+                     "source2": second["source"], "pitch2": second["pitch"], "pattern2": second["pattern"]}
+    return out, labels
+
+
 class EvaluatorSystem(L.LightningModule):
     """Trains :class:`AttributeEvaluator` on audio batches of the synthetic corpus.
 
     Batches come from ``AudioCapsDataModule``: ``wave`` (B, S), ``wave_mask`` (B, S),
     ``labels`` list[dict]. Loss: the sum over attributes of the cross-entropy. Training
-    applies a random gain of ±``gain_db`` per clip (level is not an attribute).
+    applies a random gain of ±``gain_db`` per clip (level is not an attribute) and turns a
+    ``splice_share`` of the single clips into gapless sequences (:func:`splice_sequences`).
     Validation logs ``val/acc/<attribute>`` and ``val/acc_min`` (the worst attribute).
     """
 
@@ -183,6 +230,7 @@ class EvaluatorSystem(L.LightningModule):
         weight_decay: float = 1e-4,
         max_steps: int = 400,
         gain_db: float = 6.0,
+        splice_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -199,9 +247,10 @@ class EvaluatorSystem(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         wave = batch["wave"] * batch["wave_mask"].to(batch["wave"].dtype)
+        wave, labels = splice_sequences(wave, batch["labels"], self.hparams.splice_share, self.model.mel.sample_rate)
         gain_db = (torch.rand(wave.shape[0], 1, device=wave.device) * 2 - 1) * self.hparams.gain_db
         wave = (wave * 10 ** (gain_db / 20)).clamp(-1, 1)
-        targets = self.model.encode_labels(batch["labels"]).to(wave.device)
+        targets = self.model.encode_labels(labels).to(wave.device)
         loss, predicted = self._loss(wave, targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=wave.shape[0])
         self.log("train/acc", (predicted == targets).float().mean(), batch_size=wave.shape[0])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from datamodules.synthetic import LABEL_VALUES, sample_labels, synthesize_clip
-from lightning_modules.evaluator import AttributeEvaluator, EvaluatorSystem, attribute_accuracy
+from lightning_modules.evaluator import AttributeEvaluator, EvaluatorSystem, attribute_accuracy, splice_sequences
+from lightning_modules.physical_judge import judge_clip
 
 TINY = dict(channels=(4, 8), embed_dim=16)
 
@@ -73,6 +74,36 @@ def test_training_steps_reduce_the_loss():
     assert float(loss) < 0.5 * first  # overfits one batch
     accuracy = attribute_accuracy(system.model, [batch])
     assert set(accuracy) == set(LABEL_VALUES) | {"all_correct", "clips"} and accuracy["clips"] == 8
+
+
+def test_splice_sequences_makes_gapless_sequences_labelled_with_both_events():
+    torch.manual_seed(0)
+    batch = _batch(32, seconds=2.0, seed=3)
+    wave, labels = batch["wave"], batch["labels"]
+    before = wave.clone()
+    same_wave, same_labels = splice_sequences(wave, labels, share=0.0)
+    assert same_wave is wave and same_labels == labels
+    spliced, new_labels = splice_sequences(wave, labels, share=1.0)
+    assert torch.equal(wave, before) and new_labels is not labels  # inputs untouched
+    half, fade = 16000, 160
+    changed = 0
+    for i, (old, new) in enumerate(zip(labels, new_labels)):
+        if old["structure"] == "sequence" or new["structure"] == "single":
+            assert new == old and torch.equal(spliced[i], wave[i])  # real sequences (and unpaired singles) kept
+            continue
+        changed += 1
+        assert (new["source"], new["pitch"], new["pattern"]) == (old["source"], old["pitch"], old["pattern"])
+        assert torch.equal(spliced[i, : half - fade], wave[i, : half - fade])
+        partner = [j for j in range(len(labels)) if torch.equal(spliced[i, half + fade:], wave[j, half + fade:]) and j != i]
+        assert len(partner) == 1 and labels[partner[0]]["structure"] == "single"
+        assert (new["source2"], new["pitch2"], new["pattern2"]) == tuple(labels[partner[0]][k] for k in ("source", "pitch", "pattern"))
+        assert (new["source2"], new["pitch2"], new["pattern2"]) != (new["source"], new["pitch"], new["pattern"])
+        assert new["pattern"] != "fade_out" and new["pattern2"] != "fade_in"  # the halves that stay fades
+    assert changed >= 6
+    # The labels describe the audio: the physical judge (no training) hears the two events.
+    judged = [judge_clip(spliced[i].numpy()) == new_labels[i] for i in range(len(labels))
+              if labels[i]["structure"] == "single" and new_labels[i]["structure"] == "sequence"]
+    assert np.mean(judged) >= 0.9, judged
 
 
 @pytest.mark.slow
