@@ -98,7 +98,7 @@ def format_table(summary: list[dict[str, Any]], header: str, with_eval: bool) ->
         for split in EVAL_SPLITS:
             for key, label in EVAL_METRICS:
                 percent = key.endswith("/all")
-                columns.append((f"{split} {key}", f"{split} {label}" + (" %" if percent else ""), 1 if percent else (0 if key == "fd" else 1)))
+                columns.append((f"{split} {key}", f"{split} {label}" + (" %" if percent else ""), 0 if key == "fd" else 1))
 
     def cell(entry: dict[str, Any], key: str, digits: int) -> str:
         mean, spread = entry[key]
@@ -145,14 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(budgets) != 1:
         print(f"error: the experiments differ in (max_steps, batch_size, accumulate_grad_batches): {budgets}", file=sys.stderr)
         return 2
+    first = next(iter(configs.values()))
     if args.eval:
-        evaluator = Path(next(iter(configs.values())).eval.evaluator.path)
+        evaluator = Path(first.eval.evaluator.path)
         if not evaluator.is_file():
             print(f"error: --eval needs a trained evaluator at {evaluator}: run `make evaluator` first", file=sys.stderr)
             return 2
 
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
-    out = Path(next(iter(configs.values())).run.root) / "ablate" / stamp
+    out = Path(first.run.root) / "ablate" / stamp
     rows: list[dict[str, Any]] = []
     for (name, seed), cfg in configs.items():
         print(f"[ablate] {name} seed {seed} ({len(rows) + 1}/{len(configs)})", flush=True)
@@ -161,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {name: describe(configs[(name, args.seeds[0])]) for name in args.experiments}
     summary = summarise(rows, variants, args.eval)
-    first = next(iter(configs.values()))
     header = (f"# NTP vs MNTP ablation ({dt.datetime.now():%Y-%m-%d %H:%M})\n\n"
               f"Same budget for all: max_steps={first.trainer.max_steps}, batch_size={first.trainer.batch_size}; "
               f"seeds {args.seeds}; mean ± sample std over seeds. val loss: diffusion loss on next-token targets of the "

@@ -223,11 +223,11 @@ def resolve_resume(cfg: DictConfig) -> str | None:
         path = Path(resume)
     if not path.is_file():
         raise FileNotFoundError(f"trainer.resume: checkpoint {path} does not exist")
-    try:
-        verify_checkpoint_file(path)  # a truncated / corrupt file is refused before any work
+    try:  # verifies every record first: a truncated / corrupt file is refused before any work
+        state = load_checkpoint(path, mmap=True)  # mmap: the weights are not read
     except CheckpointError as error:
         raise ConfigError(f"trainer.resume: {error}") from None
-    step = int(load_checkpoint(path, mmap=True).get("global_step", 0))  # mmap: reads the header, not the weights
+    step = int(state.get("global_step", 0))
     if 0 < int(cfg.trainer.max_steps) <= step:
         raise ConfigError(
             f"trainer.resume: checkpoint {path} is at step {step} and trainer.max_steps={cfg.trainer.max_steps}: "

@@ -212,6 +212,8 @@ class RawKeepingEMA(EMAWeightAveraging):
     averaged-model copy holds the raw weights, which later checkpoints store.
     """
 
+    _swapped_at_end = False  # set by on_train_end, reset by each fit's on_train_start
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swapped_at_end = False
 
@@ -221,7 +223,7 @@ class RawKeepingEMA(EMAWeightAveraging):
         self._swapped_at_end = True
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self._average_model is None or not getattr(self, "_swapped_at_end", False):
+        if self._average_model is None or not self._swapped_at_end:
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
             return
         # checkpoint["state_dict"] is the model's: the averages. The raw weights are in the copy.

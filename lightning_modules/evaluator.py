@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.atomic import torch_save_atomic
+from datamodules.synthetic import event_combinations
 from lightning_modules.parts.mel import MelFrontEnd
 
 EVALUATOR_FORMAT_VERSION = 1
@@ -186,19 +187,18 @@ def splice_sequences(
     Returns new (B, S) waves and label dicts; the inputs are not modified. The partner and
     the clips changed are drawn from torch's global generator (seeded per run).
     """
-    labels = [dict(l) for l in labels]
-    singles = [i for i, l in enumerate(labels) if l["structure"] == "single"]
-    event = lambda l: (l["source"], l["pitch"], l["pattern"])  # noqa: E731
-    seconds = [j for j in singles if labels[j]["pattern"] != "fade_in"]  # clips that may give a second half
+    originals, labels = list(labels), [dict(l) for l in labels]
+    singles = [i for i, l in enumerate(originals) if l["structure"] == "single"]
+    seconds = [j for j in singles if originals[j]["pattern"] != "fade_in"]  # clips that may give a second half
     if share <= 0 or not seconds:
         return wave, labels
     half, fade = wave.shape[1] // 2, max(1, int(SPLICE_CROSSFADE_S * sample_rate))
     ramp = torch.linspace(0.0, 1.0, 2 * fade, device=wave.device, dtype=wave.dtype)
     chosen, draws = torch.rand(len(singles)) < share, torch.rand(len(singles))
-    out, originals = wave.clone(), [dict(l) for l in labels]
+    out = wave.clone()
     for k, i in enumerate(singles):
         first = originals[i]
-        partners = [j for j in seconds if event(originals[j]) != event(first)]
+        partners = [j for j in seconds if event_combinations(originals[j]) != event_combinations(first)]
         if not chosen[k] or first["pattern"] == "fade_out" or not partners:
             continue
         j = partners[min(int(draws[k] * len(partners)), len(partners) - 1)]
