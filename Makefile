@@ -78,7 +78,7 @@ evaluator: $(STAMP) ## Train the offline evaluator network for the synthetic cor
 ablate: $(STAMP) ## NTP vs MNTP on the synthetic corpus, same budget and seed, side-by-side table
 	$(PY) -m experiments.ablate $(ARGS)
 
-rehearsal: $(STAMP) ## Write an AudioCaps-shaped tree with tiny random AudioLDM/FLAN-T5/CLAP dirs: make rehearsal ARGS="--root DIR"
+rehearsal: $(STAMP) ## Write an AudioCaps-shaped tree with random AudioLDM/FLAN-T5/CLAP dirs (tiny; --full-size: real sizes): make rehearsal ARGS="--root DIR"
 	$(PY) -m experiments.rehearsal $(ARGS)
 
 gpu-check: $(STAMP) ## One GPU, paper shapes, a few minutes: step time, tokens/s, TFLOP/s vs peak, memory, generation RTF

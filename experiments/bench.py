@@ -1,9 +1,12 @@
 """Throughput benchmarks, reported as ratios measured in one run: ``make bench``.
 
     python -m experiments.bench [EXP] [key=value ...] [--repeats N]
+    make bench EXP=ntp_base ARGS="--no-train --random-pretrained runs/bench/pretrained"   # paper shapes, no downloads
 
 Uses the experiment's model sizes (default ``demo``) with random weights and random
-tokens, so it needs no trained run. Measures:
+tokens, so it needs no trained run; an experiment with ``vae.pretrained_dir`` loads its
+VAE, vocoder and text encoders from their folders (``--random-pretrained`` writes random
+ones of the public checkpoints' sizes). Measures:
 
 1. generation with the preallocated KV cache vs recomputing the full sequence per token;
 2. ``diffusion_batch_mul``: one decoder pass + the head on 4 noise draws vs 4 full steps;
@@ -37,6 +40,7 @@ from typing import Callable
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CAPTIONS = ["a high pitched beep pulsing", "low hum fading away", "white noise hiss", "a rising sweep"] * 8
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,35 +65,9 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device | None = 
     return sorted(times)[len(times) // 2]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile benchmark (it compiles for minutes)")
-    parser.add_argument("--no-generation", action="store_true", help="skip the generation-speed benchmark")
-    parser.add_argument("--gen-seconds", type=float, default=10.24, help="clip length for the generation benchmark")
-    parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 16], help="batch sizes for the generation benchmark")
-    args, rest = parser.parse_known_args(argv)
-    from omegaconf import OmegaConf
-
-    from datamodules.atomic import write_text_atomic
-    from experiments.config import config_from_argv
-
-    cfg = config_from_argv(rest)
-    name = cfg.experiment
-    from experiments.pipeline import set_threads
-    from lightning_modules.audio_lm import AudioLMSystem
-    from lightning_modules.parts.text_conditioning import train_sentencepiece
-
-    set_threads(cfg)
-    torch.manual_seed(0)
-    device = DEVICE
-    out_root = Path(cfg.run.root) / "bench"
-    out_root.mkdir(parents=True, exist_ok=True)
-    captions = ["a high pitched beep pulsing", "low hum fading away", "white noise hiss", "a rising sweep"] * 8
-    sp = None
-    if cfg.text.kind == "scratch":
-        sp = str(train_sentencepiece(captions, str(out_root / "bench_spm"), 60))
-    system = AudioLMSystem(OmegaConf.to_container(cfg, resolve=True), sp_model_path=sp).to(device)
+def bench_training(cfg, system, pretransform, args, captions: list[str]) -> dict[str, dict]:
+    """Benchmarks 1–7 (the module docstring) on a batch of the experiment's shape."""
+    device = system.device
     results: dict[str, dict] = {}
     r = args.repeats
     B, N, D = cfg.trainer.batch_size, cfg.model.max_tokens, cfg.model.token_dim
@@ -148,10 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     system.zero_grad(set_to_none=True)
 
     # 3. Cached latents vs encoding audio on the fly (random VAE of the experiment's size).
-    from experiments.pipeline import mel_kwargs, vae_kwargs, vocoder_kwargs
-    from lightning_modules.parts.pretransform import MelVAEPretransform
-
-    pretransform = MelVAEPretransform.from_scratch(mel_kwargs(cfg), vae_kwargs(cfg), vocoder_kwargs(cfg)).to(device).eval()
     seconds = N / pretransform.tokens_per_second
     wave = torch.randn(B, int(seconds * pretransform.sample_rate), device=device) * 0.1
     mean = torch.randn(B, N, D, device=device)
@@ -240,26 +214,97 @@ def main(argv: list[str] | None = None) -> int:
         results["compile"] = {"eager_step_s": t_eager, "compiled_step_s": t_compiled, "speedup": t_eager / t_compiled,
                               "first_step_with_compile_s": t_compile_first}
 
-    # 8. Generation speed and its breakdown (random weights: the time does not depend on them).
-    if not args.no_generation:
-        results["generation"] = bench_generation(cfg, system, pretransform, captions, args.gen_seconds, args.gen_batches)
+    return results
 
-    header = {"experiment": name, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "batch": B, "tokens": N, "parameters": system.parameter_summary()}
-    print(f"[bench] {name} on {device} ({torch.get_num_threads()} threads), batch {B} × {N} tokens")
-    print("| benchmark | measurement | ratio |\n|---|---|---|")
-    print(f"| KV cache, {num_gen} tokens | {t_cache:.3f} s cached vs {t_full:.3f} s recomputed | {t_full / t_cache:.1f}× faster |")
-    print(f"| diffusion_batch_mul={system.head.batch_mul} | {t_mul:.3f} s one pass vs {t_rep:.3f} s repeated | {t_rep / t_mul:.1f}× faster |")
-    print(f"| latent cache | encode {t_encode:.3f} s/batch vs cached {t_cached:.4f} s | train step {results['latent_cache']['step_speedup_from_cache']:.2f}× faster |")
-    print(f"| bf16 autocast | {t_bf16:.3f} s vs fp32 {t_mul:.3f} s | {t_mul / t_bf16:.2f}× |")
-    print(f"| autocast around sampling | one region {t_one:.3f} s vs per step {t_per:.3f} s | {t_per / t_one:.2f}× |")
-    ac = results["activation_checkpointing"]
-    print(f"| activation checkpointing | step {t_ckpt:.3f} s vs {t_plain:.3f} s; kept for backward {ac['checkpointed_saved_mb']:.1f} MB "
+
+def print_training_rows(results: dict[str, dict]) -> None:
+    """The table rows of :func:`bench_training`'s results."""
+    kv, mul, lc = results["kv_cache"], results["diffusion_batch_mul"], results["latent_cache"]
+    bf, reg, ac = results["bf16_autocast"], results["autocast_region"], results["activation_checkpointing"]
+    print(f"| KV cache, {kv['tokens']} tokens | {kv['cached_s']:.3f} s cached vs {kv['recompute_s']:.3f} s recomputed | {kv['speedup']:.1f}× faster |")
+    print(f"| diffusion_batch_mul={mul['batch_mul']} | {mul['one_pass_s']:.3f} s one pass vs {mul['repeated_s']:.3f} s repeated | {mul['speedup']:.1f}× faster |")
+    print(f"| latent cache | encode {lc['encode_s']:.3f} s/batch vs cached {lc['cached_sample_s']:.4f} s | train step {lc['step_speedup_from_cache']:.2f}× faster |")
+    print(f"| bf16 autocast | {bf['bf16_step_s']:.3f} s vs fp32 {bf['fp32_step_s']:.3f} s | {bf['speedup']:.2f}× |")
+    print(f"| autocast around sampling | one region {reg['one_region_s']:.3f} s vs per step {reg['per_step_s']:.3f} s | {reg['ratio_per_step_over_one']:.2f}× |")
+    print(f"| activation checkpointing | step {ac['checkpointed_step_s']:.3f} s vs {ac['plain_step_s']:.3f} s; kept for backward {ac['checkpointed_saved_mb']:.1f} MB "
           f"vs {ac['plain_saved_mb']:.1f} MB | {ac['slowdown']:.2f}× slower, {ac['memory_ratio']:.1f}× less activation memory |")
     if "compile" in results:
         c = results["compile"]
         print(f"| torch.compile | step {c['compiled_step_s']:.3f} s vs eager {c['eager_step_s']:.3f} s (first step {c['first_step_with_compile_s']:.0f} s) "
               f"| {c['speedup']:.2f}× |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile benchmark (it compiles for minutes)")
+    parser.add_argument("--no-generation", action="store_true", help="skip the generation-speed benchmark")
+    parser.add_argument("--gen-seconds", type=float, default=10.24, help="clip length for the generation benchmark")
+    parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 16], help="batch sizes for the generation benchmark")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmarks 1–7 (generation only)")
+    parser.add_argument("--random-pretrained", metavar="DIR", default=None,
+                        help="write random AudioLDM VAE + HiFi-GAN, FLAN-T5-large and CLAP of the public checkpoints' "
+                             "sizes into DIR (kept; reused when there) and point the experiment at them: the paper "
+                             "configs' shapes without downloaded weights")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # key=value overrides may come anywhere, also after a list option (--gen-batches 1 16 sample.steps=25)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args, rest = parser.parse_known_args([a for a in argv if a not in overrides])
+    rest = [*rest, *overrides]
+    from omegaconf import OmegaConf
+
+    from datamodules.atomic import write_text_atomic
+    from experiments.config import config_from_argv
+
+    pretrained_note = "random weights of the experiment's sizes"
+    if args.random_pretrained:
+        from experiments.rehearsal import write_pretrained
+
+        directory = Path(args.random_pretrained)
+        done = directory / "complete"
+        if not done.is_file():
+            print(f"[bench] writing full-size random pretrained folders into {directory}", flush=True)
+            paths = write_pretrained(directory, CAPTIONS, size="full")
+            write_text_atomic(done, json.dumps(paths))
+        paths = json.loads(done.read_text())
+        rest = [*rest, *(f"{key}={value}" for key, value in paths.items())]
+        pretrained_note = f"random AudioLDM / FLAN-T5-large / CLAP of the real sizes from {directory}"
+    cfg = config_from_argv(rest)
+    name = cfg.experiment
+    from experiments.pipeline import load_or_train_pretransform, mel_kwargs, set_threads, vae_kwargs, vocoder_kwargs
+    from lightning_modules.parts.pretransform import MelVAEPretransform
+    from lightning_modules.audio_lm import AudioLMSystem
+    from lightning_modules.parts.text_conditioning import train_sentencepiece
+
+    set_threads(cfg)
+    torch.manual_seed(0)
+    device = DEVICE
+    out_root = Path(cfg.run.root) / "bench"
+    out_root.mkdir(parents=True, exist_ok=True)
+    captions = CAPTIONS
+    sp = None
+    if cfg.text.kind == "scratch":
+        sp = str(train_sentencepiece(captions, str(out_root / "bench_spm"), 60))
+    system = AudioLMSystem(OmegaConf.to_container(cfg, resolve=True), sp_model_path=sp).to(device)
+    if cfg.vae.pretrained_dir:  # the loading path of training and generation
+        pretransform = load_or_train_pretransform(cfg)
+    else:  # a random VAE of the experiment's size
+        pretransform = MelVAEPretransform.from_scratch(mel_kwargs(cfg), vae_kwargs(cfg), vocoder_kwargs(cfg))
+    pretransform = pretransform.to(device).eval()
+    results: dict[str, dict] = {}
+    if not args.no_train:
+        results.update(bench_training(cfg, system, pretransform, args, captions))
+    # 8. Generation speed and its breakdown (random weights: the time does not depend on them).
+    if not args.no_generation:
+        results["generation"] = bench_generation(cfg, system, pretransform, captions, args.gen_seconds, args.gen_batches)
+
+    B, N = cfg.trainer.batch_size, cfg.model.max_tokens
+    header = {"experiment": name, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "batch": B, "tokens": N, "parameters": system.parameter_summary(), "pretrained": pretrained_note}
+    print(f"[bench] {name} on {device} ({torch.get_num_threads()} threads), batch {B} × {N} tokens; {pretrained_note}")
+    print("| benchmark | measurement | ratio |\n|---|---|---|")
+    if not args.no_train:
+        print_training_rows(results)
     for row in results.get("generation", []):
         print(f"| generation, {row['seconds']:g} s, batch {row['batch']}, {row['sampler']}-{row['steps']}, CFG {row['cfg_scale']:g} "
               f"| {row['wall_s']:.2f} s: decoder {row['decoder_s']:.2f} s, head {row['head_s']:.2f} s, VAE {row['vae_s']:.2f} s, "

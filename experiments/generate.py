@@ -136,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args)
     from experiments.config import config_from_container, last_run_dir
     from experiments.pipeline import (
-        check_length, check_pretransform, encode_audio_prompt, load_audio_lm, load_pretransform_for, render_fn,
+        check_length, check_pretransform, encode_audio_prompt, load_audio_lm, load_pretransform_for, num_tokens_for, render_fn,
         stream_fn,
     )
+    from lightning_modules.audio_lm import window_shifts
+    from lightning_modules.parts.diffusion_head import check_temperature
     from lightning_modules.callbacks import write_samples
     from lightning_modules.checkpoints import CheckpointError
 
@@ -168,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         sample.temperature = args.temperature
     if args.sampler is not None:
         sample.sampler = args.sampler
+    try:  # before the VAE is loaded and anything is sampled
+        check_temperature(str(sample.sampler), float(sample.temperature), system.head.ddim_eta)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     pretransform = load_pretransform_for(cfg).to(device).eval()
     check_pretransform(system, pretransform)
     prompt_tokens, prompt_seconds = None, 0.0
@@ -201,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             "layout": "each wav: the prompt's VAE resynthesis, then the continuation"}
            if prompt_tokens is not None else {}),
     }
+    num_prompt = 0 if prompt_tokens is None else int(prompt_tokens.shape[1])
+    shifts = window_shifts(num_tokens_for(sample.seconds, pretransform), system.decoder.max_tokens,
+                           float(sample.window_overlap), num_prompt)
+    if shifts:  # where in each wav the long-form window shifted: listen there for a seam
+        tps = pretransform.tokens_per_second
+        settings["window_shift_seconds"] = [round((num_prompt + i) / tps, 3) for i in shifts]
     if args.stream:
         settings["stream"] = {key: int(sample[f"stream_{key}"]) for key in ("chunk_tokens", "left_tokens", "lookahead_tokens", "crossfade_tokens")}
     pcm = open_pcm(args.pcm)

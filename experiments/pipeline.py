@@ -32,7 +32,7 @@ from datamodules.synthetic import generate_corpus
 from experiments import ranks
 from datamodules.atomic import remove_stale_temporaries, write_text_atomic
 from experiments.config import ConfigError, last_run_dir, make_run_dir
-from lightning_modules.audio_lm import AudioLMSystem
+from lightning_modules.audio_lm import AudioLMSystem, window_keep
 from lightning_modules.callbacks import AudioSamplesCallback, StepProgressBar
 from lightning_modules.checkpoints import (
     CheckpointError,
@@ -433,7 +433,7 @@ def check_length(system: AudioLMSystem, pretransform: MelVAEPretransform, second
     if tokens <= limit:
         return None
     overlap = float(system.cfg.sample.get("window_overlap", 0.75))
-    keep = max(1, min(limit - 1, round(overlap * limit)))
+    keep = window_keep(limit, overlap)
     tps = pretransform.tokens_per_second
     return (f"{seconds:g} s needs {tokens} tokens, beyond the checkpoint's context (model.max_tokens={limit}, "
             f"{limit / tps:g} s): generated with a sliding window that keeps the newest {keep} tokens "

@@ -21,7 +21,8 @@ Layout written under ``root`` (what the paper configs point at, relative to the 
     pretrained/eval/Cnn14_16k_mAP=0.438.pth   PANNs' {"model": ...} checkpoint with torchlibrosa's front-end keys
 
 The weights are random and tiny (the recipe's *shapes* come from the config: the VAE
-always makes 8 × 16 = 128 values per token at 25 tokens/s); the audio comes from the
+always makes 8 × 16 = 128 values per token at 25 tokens/s), or random at the public
+checkpoints' sizes with ``pretrained_size="full"`` (``--full-size``); the audio comes from the
 synthetic corpus' generator with AudioCaps-style captions. Nothing is downloaded.
 """
 
@@ -102,25 +103,48 @@ def _captions_of(manifest: Path) -> list[str]:
     return [c for line in manifest.read_text().splitlines() if line for c in json.loads(line)["captions"]]
 
 
-def write_tiny_audioldm(directory: str | Path, seed: int = 0) -> Path:
+# The public checkpoints' architectures, for ``size="full"`` (random weights of the real size:
+# what `make bench ARGS=--random-pretrained` times). AudioLDM's VAE and HiFi-GAN
+# (cvssp/audioldm-s-full-v2: vae/ and vocoder/ config.json; the HiFi-GAN is AudioLDM's
+# HIFIGAN_16K_64), FLAN-T5-large's encoder, CLAP HTSAT-unfused (transformers' ClapConfig defaults).
+AUDIOLDM_VAE_CONFIG = dict(block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=8, norm_num_groups=32)
+AUDIOLDM_HIFIGAN_CONFIG = dict(
+    model_in_dim=64, sampling_rate=SAMPLE_RATE, upsample_initial_channel=1024, upsample_rates=[5, 4, 2, 2, 2],
+    upsample_kernel_sizes=[16, 16, 8, 4, 4], resblock_kernel_sizes=[3, 7, 11],
+    resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], normalize_before=False,
+)
+FLAN_T5_LARGE_CONFIG = dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
+                            feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+PRETRAINED_SIZES = ("tiny", "full")
+
+
+def _check_size(size: str) -> None:
+    if size not in PRETRAINED_SIZES:
+        raise ValueError(f"size must be one of {PRETRAINED_SIZES}, got {size!r}")
+
+
+def write_audioldm(directory: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """An AudioLDM pipeline folder: ``vae/`` (diffusers AutoencoderKL, 8 latent channels,
-    64 mel bins in) and ``vocoder/`` (transformers SpeechT5HifiGan, 64 mels in, hop 160)."""
+    64 mel bins in) and ``vocoder/`` (transformers SpeechT5HifiGan, 64 mels in, hop 160).
+    ``size="full"``: AudioLDM's own architectures (:data:`AUDIOLDM_VAE_CONFIG`,
+    :data:`AUDIOLDM_HIFIGAN_CONFIG`), random weights."""
     import torch
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
     from lightning_modules.parts.vae import build_mel_vae
 
+    _check_size(size)
     directory = Path(directory)
     torch.manual_seed(seed)
-    build_mel_vae(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=8, norm_num_groups=4).save_pretrained(
-        directory / "vae"
-    )
-    config = SpeechT5HifiGanConfig(
+    vae = AUDIOLDM_VAE_CONFIG if size == "full" else dict(block_out_channels=(8, 16, 16), layers_per_block=1,
+                                                           latent_channels=8, norm_num_groups=4)
+    build_mel_vae(**vae).save_pretrained(directory / "vae")
+    config = AUDIOLDM_HIFIGAN_CONFIG if size == "full" else dict(
         model_in_dim=64, sampling_rate=SAMPLE_RATE, upsample_initial_channel=16, upsample_rates=[5, 4, 4, 2],
         upsample_kernel_sizes=[10, 8, 8, 4], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
         normalize_before=False,
     )
-    SpeechT5HifiGan(config).save_pretrained(directory / "vocoder")
+    SpeechT5HifiGan(SpeechT5HifiGanConfig(**config)).save_pretrained(directory / "vocoder")
     (directory / "model_index.json").write_text(json.dumps({
         "_class_name": "AudioLDMPipeline", "_diffusers_version": "0.42.1",
         "vae": ["diffusers", "AutoencoderKL"], "vocoder": ["transformers", "SpeechT5HifiGan"],
@@ -128,8 +152,9 @@ def write_tiny_audioldm(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def write_tiny_t5(directory: str | Path, captions: Sequence[str], seed: int = 0) -> None:
-    """FLAN-T5's folder: T5EncoderModel + a T5Tokenizer (spiece.model) trained on ``captions``."""
+def write_t5(directory: str | Path, captions: Sequence[str], seed: int = 0, size: str = "tiny") -> None:
+    """FLAN-T5's folder: T5EncoderModel + a T5Tokenizer (spiece.model) trained on ``captions``.
+    ``size="full"``: FLAN-T5-large's encoder (:data:`FLAN_T5_LARGE_CONFIG`), random weights."""
     import tempfile
 
     import torch
@@ -137,21 +162,26 @@ def write_tiny_t5(directory: str | Path, captions: Sequence[str], seed: int = 0)
 
     from lightning_modules.parts.text_conditioning import train_sentencepiece
 
+    _check_size(size)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = T5Tokenizer(vocab_file=str(train_sentencepiece(list(captions), str(Path(tmp) / "spm"), 200)))
         torch.manual_seed(seed)
-        config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+        config = T5Config(**FLAN_T5_LARGE_CONFIG) if size == "full" else T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
         T5EncoderModel(config).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
 
-def write_tiny_clap(directory: str | Path, seed: int = 0) -> None:
+def write_clap(directory: str | Path, seed: int = 0, size: str = "tiny") -> None:
     """CLAP's folder as laion/clap-htsat-unfused holds it: ClapModel + ClapProcessor
-    (byte-level Roberta BPE tokenizer: vocab.json + merges.txt; preprocessor_config.json)."""
+    (byte-level Roberta BPE tokenizer: vocab.json + merges.txt; preprocessor_config.json).
+    ``size="full"``: the HTSAT-unfused architecture (transformers' ``ClapConfig`` defaults,
+    Roberta's 50265-token embedding), random weights."""
     import torch
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
     from transformers.models.clap.configuration_clap import ClapAudioConfig, ClapTextConfig
 
+    _check_size(size)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     byte_chars = [chr(c) for c in range(33, 127)] + ["Ġ"]  # printable bytes and the space marker: byte-level BPE, no merges
@@ -160,12 +190,16 @@ def write_tiny_clap(directory: str | Path, seed: int = 0) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = RobertaTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
     processor = ClapProcessor(feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"), tokenizer=tokenizer)
-    text = ClapTextConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=16, max_position_embeddings=128, projection_dim=8)
-    audio = ClapAudioConfig(depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1], patch_embeds_hidden_size=8,
-                            hidden_size=64, projection_dim=8, window_size=8)
     torch.manual_seed(seed)
-    ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8)).save_pretrained(directory)
+    if size == "full":
+        config = ClapConfig()
+    else:
+        text = ClapTextConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=16, max_position_embeddings=128, projection_dim=8)
+        audio = ClapAudioConfig(depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1], patch_embeds_hidden_size=8,
+                                hidden_size=64, projection_dim=8, window_size=8)
+        config = ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8)
+    ClapModel(config).save_pretrained(directory)
     processor.save_pretrained(directory)
 
 
@@ -185,26 +219,37 @@ def write_tiny_eval_weights(directory: str | Path, seed: int = 0) -> dict[str, s
     return {"eval.vggish_path": str(vggish), "eval.panns_path": str(panns)}
 
 
+def write_pretrained(directory: str | Path, captions: Sequence[str], seed: int = 0, size: str = "tiny") -> dict[str, str]:
+    """``audioldm/``, ``flan-t5-large/`` and ``clap-htsat-unfused/`` under ``directory`` (random
+    weights, ``size`` "tiny" or "full"); returns their paths by config key."""
+    directory = Path(directory)
+    write_audioldm(directory / "audioldm", seed=seed, size=size)
+    write_t5(directory / "flan-t5-large", captions, seed=seed, size=size)
+    write_clap(directory / "clap-htsat-unfused", seed=seed, size=size)
+    return {
+        "vae.pretrained_dir": str(directory / "audioldm"),
+        "vocoder.pretrained_dir": str(directory / "audioldm"),
+        "text.t5_dir": str(directory / "flan-t5-large"),
+        "text.clap_dir": str(directory / "clap-htsat-unfused"),
+        "eval.clap_dir": str(directory / "clap-htsat-unfused"),
+    }
+
+
 def write_rehearsal(
-    root: str | Path, clips: dict[str, int] | None = None, seconds: float = 10.0, seed: int = 0, eval_weights: bool = False
+    root: str | Path, clips: dict[str, int] | None = None, seconds: float = 10.0, seed: int = 0, eval_weights: bool = False,
+    pretrained_size: str = "tiny",
 ) -> dict[str, str]:
     """Everything the paper configs read, under ``root``; returns the paths by config key.
 
     ``eval_weights``: also the full-size VGGish and CNN14 files (≈600 MB of random weights;
-    only `make eval` reads them)."""
+    only `make eval` reads them). ``pretrained_size``: "full" writes the VAE, HiFi-GAN,
+    FLAN-T5 and CLAP at the public checkpoints' sizes (≈2.5 GB), e.g. to time them."""
     root = Path(root)
     manifest = write_audiocaps_like(root, clips or {"train": 64, "val": 8, "test": 8}, seconds=seconds, seed=seed)
     pretrained = root / "pretrained"
-    write_tiny_audioldm(pretrained / "audioldm", seed=seed)
-    write_tiny_t5(pretrained / "flan-t5-large", _captions_of(manifest), seed=seed)
-    write_tiny_clap(pretrained / "clap-htsat-unfused", seed=seed)
     return {
         "data.manifests": str(manifest),
-        "vae.pretrained_dir": str(pretrained / "audioldm"),
-        "vocoder.pretrained_dir": str(pretrained / "audioldm"),
-        "text.t5_dir": str(pretrained / "flan-t5-large"),
-        "text.clap_dir": str(pretrained / "clap-htsat-unfused"),
-        "eval.clap_dir": str(pretrained / "clap-htsat-unfused"),
+        **write_pretrained(pretrained, _captions_of(manifest), seed=seed, size=pretrained_size),
         **(write_tiny_eval_weights(pretrained / "eval", seed=seed) if eval_weights else {}),
     }
 
@@ -232,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=8, help="val and test clips each (default 8)")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10, as AudioCaps)")
     parser.add_argument("--eval-weights", action="store_true", help="also random VGGish + CNN14 files (≈600 MB) for make eval")
+    parser.add_argument("--full-size", action="store_true",
+                        help="VAE, HiFi-GAN, FLAN-T5-large and CLAP at the public checkpoints' sizes (≈2.5 GB) instead of tiny")
     args = parser.parse_args(argv)
     paths = write_rehearsal(args.root, {"train": args.train, "val": args.eval, "test": args.eval}, seconds=args.seconds,
-                            eval_weights=args.eval_weights)
+                            eval_weights=args.eval_weights, pretrained_size="full" if args.full_size else "tiny")
     overrides = " ".join(f"'{o}'" if " " in o else o for o in rehearsal_overrides(args.root, paths))
     print(f"rehearsal tree written to {args.root}\n  make train EXP=masked_base ARGS=\"{overrides}\"")
     return 0

@@ -87,6 +87,28 @@ def guidance_scales(cfg_scale: float, schedule: str, num_tokens: int) -> list[fl
     raise ValueError(f"sample.cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
 
 
+def window_keep(max_tokens: int, window_overlap: float) -> int:
+    """Tokens the long-form sliding window keeps at each shift: ``window_overlap`` of the
+    context, at least one and at most ``max_tokens - 1``."""
+    return max(1, min(max_tokens - 1, int(round(window_overlap * max_tokens))))
+
+
+def window_shifts(num_tokens: int, max_tokens: int, window_overlap: float, num_prompt: int = 0) -> list[int]:
+    """Indices among ``num_tokens`` generated tokens of those sampled right after the window
+    shifted (the KV cache refilled with the newest :func:`window_keep` tokens): where a
+    seam could be heard. Empty when prompt + tokens fit the context. Mirrors the loop of
+    :meth:`AudioLMSystem.iter_tokens`: the first shift comes when the context is full, then
+    one every ``max_tokens - keep`` tokens."""
+    keep, position, shifts = window_keep(max_tokens, window_overlap), num_prompt, []
+    for i in range(1, num_tokens):
+        if position + 1 < max_tokens:
+            position += 1
+        else:
+            shifts.append(i)
+            position = keep
+    return shifts
+
+
 def build_decoder(cfg: DictConfig, max_prefix_len: int) -> CausalDecoder:
     """The causal decoder an experiment config describes (``model.*``, ``mntp.target_embedding``)."""
     model = cfg.model
@@ -629,7 +651,7 @@ class AudioLMSystem(L.LightningModule):
         continues at position K (one refill every ``max_tokens - K`` tokens).
         """
         limit = self.decoder.max_tokens
-        keep = max(1, min(limit - 1, int(round(window_overlap * limit))))
+        keep = window_keep(limit, window_overlap)
         num_prompt = 0 if prompt_tokens is None else int(prompt_tokens.shape[1])
         if num_prompt >= limit:
             raise ValueError(f"the audio prompt has {num_prompt} tokens; the model's context is model.max_tokens={limit}")

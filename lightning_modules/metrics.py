@@ -12,7 +12,8 @@ do not depend on how clips were split across devices or batches.
 - :class:`ClapScore` — mean cosine of paired text and audio embeddings.
 - :class:`AttributeAccuracy` — per-attribute accuracy of a multi-head classifier.
 
-and the plain function :func:`frechet_distance` on (mean, covariance) pairs.
+and the plain functions :func:`frechet_distance` on (mean, covariance) pairs and
+:func:`boundary_jumps` (how much a sequence changes across given boundaries: seams).
 """
 
 from __future__ import annotations
@@ -395,3 +396,38 @@ class AttributeAccuracy(Metric):
         if float(self.count) == 0:
             raise ValueError("AttributeAccuracy: no clips were added")
         return self.correct / self.count
+
+
+# ----------------------------------------------------------------------------- seams
+
+
+def boundary_jumps(frames: torch.Tensor, boundaries: Sequence[int]) -> dict[str, float]:
+    """How much a sequence changes across ``boundaries`` against everywhere else: a seam check
+    for long-form generation (the boundaries are the window shifts, ``window_shifts``).
+
+    Args:
+        frames: (B, T, F) tokens or log-mel frames.
+        boundaries: indices ``t`` (``1 <= t < T``) of the frames right after a boundary.
+
+    The jump at ``t`` is ``||frames[:, t] - frames[:, t - 1]||₂``. Returns ``at_boundary`` and
+    ``elsewhere`` (mean jumps; elsewhere: every other ``t >= 1``), their ``ratio``, and
+    ``exceed_p95``: the share of (clip, boundary) jumps above the 95th percentile of that
+    clip's other jumps — about 0.05 when a boundary is like any other step, 1 for a seam
+    that stands out every time.
+    """
+    if frames.dim() != 3:
+        raise ValueError(f"frames must be (B, T, F), got {tuple(frames.shape)}")
+    steps = frames.shape[1]
+    at = sorted({int(t) for t in boundaries})
+    if not at or at[0] < 1 or at[-1] >= steps:
+        raise ValueError(f"boundaries must be non-empty indices in [1, {steps - 1}], got {list(boundaries)}")
+    jumps = (frames[:, 1:] - frames[:, :-1]).float().norm(dim=-1)  # (B, T - 1): jump t sits at index t - 1
+    is_boundary = torch.zeros(steps - 1, dtype=torch.bool, device=frames.device)
+    is_boundary[torch.tensor(at, device=frames.device) - 1] = True
+    if bool(is_boundary.all()):
+        raise ValueError("every step is a boundary: nothing to compare with")
+    at_boundary, elsewhere = jumps[:, is_boundary], jumps[:, ~is_boundary]
+    p95 = torch.quantile(elsewhere, 0.95, dim=1, keepdim=True)  # (B, 1)
+    mean_at, mean_else = float(at_boundary.mean()), float(elsewhere.mean())
+    return {"at_boundary": mean_at, "elsewhere": mean_else, "ratio": mean_at / max(mean_else, 1e-12),
+            "exceed_p95": float((at_boundary > p95).float().mean())}

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.config import load_config
-from lightning_modules.audio_lm import AudioLMSystem, build_decoder, build_head
+from lightning_modules.audio_lm import AudioLMSystem, build_decoder, build_head, window_shifts
 from lightning_modules.parts.decoder import count_parameters
 from lightning_modules.parts.masking import make_mntp_inputs
 from lightning_modules.parts.text_conditioning import train_sentencepiece
@@ -241,6 +241,29 @@ def test_long_form_sliding_window_equals_full_context_within_it_and_recomputatio
     torch.testing.assert_close(long, naive, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="window_overlap must be in \\(0, 1\\)"):
         system.generate_tokens(captions, 3, window_overlap=1.0)
+
+
+def test_window_shifts_are_where_the_sampling_loop_refills_the_cache(sp_model, monkeypatch):
+    """`window_shifts` (recorded by `make generate` as the seconds to listen at) names the
+    tokens sampled right after each refill of the KV cache, with and without a prompt."""
+    system = make_system(sp_model).eval()  # model.max_tokens=12
+    monkeypatch.setattr(system.head, "sample", lambda z_cond, z_uncond=None, **kw: torch.tanh(z_cond[:, :8]))
+    produced, refills = [], []
+    real_prefill = system.decoder.prefill
+
+    def spy(*args, **kwargs):
+        refills.append(len(produced))  # tokens yielded before this (re)fill
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(system.decoder, "prefill", spy)
+    with torch.no_grad():
+        for overlap, num_prompt in [(0.5, 0), (0.75, 0), (0.5, 4), (0.9, 11)]:
+            produced.clear(), refills.clear()
+            prompt = torch.randn(2, num_prompt, 8) if num_prompt else None
+            produced.extend(system.iter_tokens(CAPTIONS[:2], 30, cfg_scale=1.0, window_overlap=overlap, prompt_tokens=prompt))
+            assert len(produced) == 30 and refills[0] == 0
+            assert refills[1:] == window_shifts(30, 12, overlap, num_prompt), (overlap, num_prompt)
+    assert window_shifts(30, 12, 0.5) == [12, 18, 24] and window_shifts(12, 12, 0.5) == []
 
 
 def test_continuation_with_guidance_and_bad_prompts(sp_model):

@@ -241,3 +241,13 @@ def test_respacing_is_computed_once_per_step_count(mog_head, monkeypatch):
     for _ in range(5):
         mog_head.sample(z, num_steps=7)
     assert len(calls) == 1
+
+
+def test_a_temperature_the_sampler_cannot_use_is_refused(mog_head):
+    """DDIM (eta 0) and DPM-Solver++ add no per-step noise: a temperature there would be silently ignored."""
+    z = F.one_hot(torch.full((8,), 1), 3).float()
+    for sampler in ("ddim", "dpmpp"):
+        with pytest.raises(ValueError, match=f"temperature=0.8 has no effect with the deterministic {sampler} sampler"):
+            mog_head.sample(z, temperature=0.8, sampler=sampler, num_steps=5)
+        assert torch.isfinite(mog_head.sample(z, temperature=1.0, sampler=sampler, num_steps=5)).all()
+    assert torch.isfinite(mog_head.sample(z, temperature=0.8, sampler="ddpm", num_steps=5)).all()

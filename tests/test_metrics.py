@@ -356,9 +356,9 @@ def test_clap_loader_errors(tmp_path):
 
 def _tiny_clap_dir(directory):
     """A randomly initialised, tiny transformers CLAP model + processor saved like a real one."""
-    from experiments.rehearsal import write_tiny_clap
+    from experiments.rehearsal import write_clap
 
-    write_tiny_clap(directory)
+    write_clap(directory)
     return directory
 
 
@@ -391,3 +391,22 @@ def test_vggish_front_end_matches_torchvggish_if_installed():
     ours = VGGishFrontEnd()(torch.from_numpy(wave)[None])[0].numpy()
     assert ours.shape == theirs.shape
     assert np.allclose(ours, theirs, atol=1e-4)
+
+
+def test_boundary_jumps_finds_a_seam_and_not_one_that_is_not_there():
+    from lightning_modules.metrics import boundary_jumps
+
+    walk = torch.randn(8, 120, 16, generator=torch.Generator().manual_seed(0)).cumsum(dim=1) * 0.1  # (B, T, F) smooth
+    shifts = [50, 62, 74, 86, 98, 110]
+    none = boundary_jumps(walk, shifts)
+    assert 0.8 < none["ratio"] < 1.2 and none["exceed_p95"] < 0.2  # boundaries like any other step
+    seamed = walk.clone()
+    for t in shifts:  # a jump of 3 typical steps added at every boundary
+        seamed[:, t:] += 0.3 * torch.randn(8, 1, 16, generator=torch.Generator().manual_seed(t))
+    seam = boundary_jumps(seamed, shifts)
+    assert seam["ratio"] > 2 and seam["exceed_p95"] > 0.9
+    assert seam["elsewhere"] == pytest.approx(none["elsewhere"])
+    with pytest.raises(ValueError, match="boundaries must be"):
+        boundary_jumps(walk, [0])
+    with pytest.raises(ValueError, match="frames must be"):
+        boundary_jumps(walk[0], shifts)

@@ -185,6 +185,8 @@ def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
 
     wave, rate = sf.read(next((tmp_path / "long").glob("*.wav")))
     assert len(wave) == 3 * rate
+    settings = json.loads((tmp_path / "long" / "samples.json").read_text())["settings"]
+    assert settings["window_shift_seconds"] == [2.0, 2.48, 2.96]  # tokens 50, 62, 74 at 25 tokens/s: where to listen
 
 
 def test_generate_cli_continues_an_audio_prompt(demo_run, tmp_path):
@@ -336,3 +338,33 @@ def test_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path, capsys):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["steps_timed"] == 3 and report["step_s"] > 0 and report["generation"]["finite"]
     assert report["generation"]["samples"] == 16000  # 1 s at 16 kHz through the HiFi-GAN directory
+
+
+def test_bench_paper_config_generation_only_with_random_pretrained_folders(tmp_path, monkeypatch):
+    """`make bench EXP=ntp_base ARGS="--no-train --random-pretrained DIR"`: the folders are
+    written once (here tiny, through the same writer the full size uses), the experiment
+    loads its VAE, HiFi-GAN, FLAN-T5 and CLAP from them, and only generation is timed."""
+    from experiments import bench, rehearsal
+
+    sizes = []
+    real_write = rehearsal.write_pretrained
+
+    def tiny_write(directory, captions, seed=0, size="tiny"):
+        sizes.append(size)
+        return real_write(directory, captions, seed=seed, size="tiny")
+
+    monkeypatch.setattr(rehearsal, "write_pretrained", tiny_write)
+    folder = tmp_path / "pretrained"
+    argv = ["ntp_base", f"run.root={tmp_path}/runs", "model.width=32", "model.depth=2", "model.heads=2",
+            "model.max_tokens=50", "model.head.width=32", "model.head.depth=1", "text.t5_max_tokens=8",
+            "--no-train", "--random-pretrained", str(folder), "--gen-seconds", "0.4", "--gen-batches", "1",
+            "sample.steps=2"]  # an override after a list option is still an override
+    assert bench.main(argv) == 0
+    assert sizes == ["full"] and (folder / "audioldm" / "vocoder" / "config.json").is_file()
+    (report,) = (tmp_path / "runs" / "bench").glob("*.json")
+    data = json.loads(report.read_text())
+    assert set(data["results"]) == {"generation"} and str(folder) in data["pretrained"]
+    (row,) = data["results"]["generation"]
+    assert row["tokens"] == 10 and row["vocoder_s"] > 0 and row["sampler"] == "ddpm" and row["steps"] == 2
+    report.unlink()
+    assert bench.main(argv) == 0 and sizes == ["full"]  # the folders are reused, not written again

@@ -41,6 +41,16 @@ import torch
 import torch.nn as nn
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
+DETERMINISTIC_SAMPLERS = ("ddim", "dpmpp")  # with ddim_eta = 0: no per-step noise for a temperature to scale
+
+
+def check_temperature(sampler: str, temperature: float, ddim_eta: float = 0.0) -> None:
+    """A temperature other than 1 with a sampler that adds no per-step noise would be
+    silently ignored: refuse it (measured: DDIM-25 at temperature 0.8 gave the same clips)."""
+    deterministic = sampler == "dpmpp" or (sampler == "ddim" and ddim_eta == 0)
+    if temperature != 1.0 and deterministic:
+        raise ValueError(f"sample.temperature={temperature:g} has no effect with the deterministic {sampler} sampler "
+                         "(temperature scales the per-step noise of ddpm): set sample.sampler=ddpm or sample.temperature=1")
 PREDICTIONS = ("eps", "v")
 
 
@@ -311,7 +321,7 @@ class DiffusionHead(nn.Module):
             z_uncond: (B, cond_dim) outputs for the null text prefix, or None (no CFG).
             cfg_scale: s in eps = eps_u + s (eps_c - eps_u); 1 = conditional only.
             temperature: scales the per-step noise (MAR style; the initial x_T is N(0, I)).
-                No effect on DDIM with eta = 0 or on DPM-Solver++ (deterministic).
+                DDIM with eta = 0 and DPM-Solver++ have none: anything but 1 is refused.
             num_steps: respaced steps (default ``num_sample_steps``).
             sampler: "ddpm", "ddim" or "dpmpp" (default ``self.sampler``).
             generator: torch.Generator on z's device, for reproducible noise.
@@ -322,6 +332,7 @@ class DiffusionHead(nn.Module):
         sampler = sampler or self.sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_temperature(sampler, temperature, self.ddim_eta)
         steps = self.respaced(num_steps or self.num_sample_steps)
         B, device = z_cond.shape[0], z_cond.device
 
