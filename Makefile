@@ -34,7 +34,7 @@ NB ?= explore_samples
 PORT ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check train cache generate eval evaluator ablate bench figures gpu-check rehearsal test test-min test-rehearsal test-full tensorboard notebook corpus manifest clean-venv
+.PHONY: help setup check train cache generate seam eval evaluator ablate bench figures gpu-check rehearsal test test-min test-rehearsal test-full tensorboard notebook corpus manifest clean-venv
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ generate: $(STAMP) ## Generate audio: make generate [CKPT=...] PROMPT="..." | PR
 	  $(if $(CFG_SCHEDULE),--cfg-schedule $(CFG_SCHEDULE)) $(if $(CFG_RESCALE),--cfg-rescale $(CFG_RESCALE)) $(if $(STEPS),--steps $(STEPS)) $(if $(SAMPLER),--sampler $(SAMPLER)) \
 	  $(if $(AUDIO_PROMPT),--audio-prompt "$(AUDIO_PROMPT)") $(if $(PROMPT_SECONDS),--prompt-seconds $(PROMPT_SECONDS)) $(if $(STREAM),--stream) \
 	  $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out "$(OUT)") $(ARGS)
+
+seam: $(STAMP) ## Measure the seam at long-form window shifts: make seam [EXP=demo] [CKPT=...] [SECONDS=6] [ARGS="--overlap 0.5"]
+	$(PY) -m experiments.seam --exp $(EXP) $(if $(CKPT),--ckpt "$(CKPT)") $(if $(SECONDS),--seconds $(SECONDS)) $(ARGS)
 
 eval: $(STAMP) ## Evaluate a checkpoint: make eval [EXP=demo] [CKPT=...]
 	$(PY) -m experiments.evaluate $(EXP) $(if $(CKPT),--ckpt "$(CKPT)") $(ARGS)

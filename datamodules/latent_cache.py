@@ -330,12 +330,19 @@ class LatentDataset(Dataset):
             deterministic per index). Defaults to ``split == "train"``.
         max_tokens: crop longer clips to this, pad shorter ones (``token_mask`` False);
             None: no crop/pad (the collate pads to the longest clip).
+        window_start_share: train only: the share of items whose window begins 1 to n // 2
+            tokens after the crop's start (n: the crop's length; the rest is padding) — what a
+            long-form window refill shows the decoder: position 0 in the middle of a sound.
+            0: every window starts at the crop's start (and nothing extra is drawn).
 
     Item: ``tokens (N, D)`` float32 normalised, ``token_mask (N,)`` bool, ``caption`` str,
-    ``id`` str, ``labels``.
+    ``id`` str, ``labels``, ``mid_start`` bool (the window begins late, ``window_start_share``).
     """
 
-    def __init__(self, cache: LatentCache, split: str, sample_posterior: bool = True, seed: int = 0, max_tokens: int | None = None, train: bool | None = None) -> None:
+    def __init__(self, cache: LatentCache, split: str, sample_posterior: bool = True, seed: int = 0, max_tokens: int | None = None,
+                 train: bool | None = None, window_start_share: float = 0.0) -> None:
+        if not 0.0 <= window_start_share <= 1.0:
+            raise ValueError(f"window_start_share must be in [0, 1], got {window_start_share}")
         self.cache = cache
         self.split = split
         # grouped by manifest (stable): a weighted sampler's clip k of source s is then
@@ -347,6 +354,7 @@ class LatentDataset(Dataset):
         self.seed = seed
         self.max_tokens = max_tokens
         self.train = split == "train" if train is None else train
+        self.window_start_share = window_start_share
 
     def __len__(self) -> int:
         return len(self.records)
@@ -370,6 +378,11 @@ class LatentDataset(Dataset):
             if self.train:
                 start = int(torch.randint(0, length - self.max_tokens + 1, (1,), generator=rng))
             mean, std = mean[start : start + self.max_tokens], std[start : start + self.max_tokens]
+        mid_start = False
+        if self.train and self.window_start_share > 0 and mean.shape[0] >= 2:
+            if float(torch.rand((), generator=rng)) < self.window_start_share:
+                late = int(torch.randint(1, mean.shape[0] // 2 + 1, (1,), generator=rng))
+                mean, std, mid_start = mean[late:], std[late:], True
         tokens = mean + std * torch.randn(mean.shape, generator=rng) if self.sample_posterior else mean
         tokens = self.cache.normalize(tokens)
         token_mask = torch.ones(tokens.shape[0], dtype=torch.bool)
@@ -379,14 +392,15 @@ class LatentDataset(Dataset):
             token_mask = torch.cat([token_mask, token_mask.new_zeros(pad)])
         captions = record["captions"]
         caption = captions[int(torch.randint(0, len(captions), (1,), generator=rng))] if self.train else captions[0]
-        return dict(tokens=tokens, token_mask=token_mask, caption=caption, id=record["id"], labels=record["labels"])
+        return dict(tokens=tokens, token_mask=token_mask, caption=caption, id=record["id"], labels=record["labels"],
+                    mid_start=mid_start)
 
 
 def collate_latents(items: list[dict]) -> dict:
     """Items -> ``tokens (B, N, D)``, ``token_mask (B, N)`` (padded to the longest), ``lengths``
     (list of B ints: valid tokens per clip — a list, so it stays on the host when the batch
     moves to an accelerator and the training step can plan shapes without a sync),
-    ``captions``, ``ids``, ``labels``."""
+    ``captions``, ``ids``, ``labels``, ``mid_start (B,)`` bool (windows begun mid-clip)."""
     longest = max(item["tokens"].shape[0] for item in items)
     token_dim = items[0]["tokens"].shape[1]
     tokens = torch.zeros(len(items), longest, token_dim)
@@ -399,6 +413,7 @@ def collate_latents(items: list[dict]) -> dict:
         tokens=tokens, token_mask=token_mask, lengths=[int(item["token_mask"].sum()) for item in items],
         captions=[item["caption"] for item in items],
         ids=[item["id"] for item in items], labels=[item["labels"] for item in items],
+        mid_start=torch.tensor([bool(item.get("mid_start", False)) for item in items]),
     )
 
 
@@ -415,12 +430,13 @@ class LatentDataModule(L.LightningDataModule):
         source_weights: sampling weight of each manifest of the mixture (``data.manifests``
             weights); with several, training draws clips with replacement so that each
             manifest's share follows its weight, as the audio datamodule does.
+        window_start_share: training windows that begin inside the clip (``LatentDataset``).
     """
 
     def __init__(
         self, cache_dir: str | Path, batch_size: int = 32, num_workers: int = 0, max_tokens: int | None = 256, seed: int = 0,
         splits: dict[str, str] | None = None, expected_fingerprint: dict | str | None = None, sample_posterior: bool = True,
-        drop_last: bool = True, source_weights: Sequence[float] | None = None,
+        drop_last: bool = True, source_weights: Sequence[float] | None = None, window_start_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.source_weights = list(source_weights) if source_weights else None
@@ -433,6 +449,7 @@ class LatentDataModule(L.LightningDataModule):
         self.expected_fingerprint = expected_fingerprint
         self.sample_posterior = sample_posterior
         self.drop_last = drop_last
+        self.window_start_share = window_start_share
         self.cache: LatentCache | None = None
         self.datasets: dict[str, LatentDataset] = {}
 
@@ -445,7 +462,7 @@ class LatentDataModule(L.LightningDataModule):
             is_train = stage_name == "train"
             self.datasets[stage_name] = LatentDataset(
                 self.cache, split, sample_posterior=self.sample_posterior and is_train, seed=self.seed,
-                max_tokens=self.max_tokens, train=is_train,
+                max_tokens=self.max_tokens, train=is_train, window_start_share=self.window_start_share if is_train else 0.0,
             )
 
     @property

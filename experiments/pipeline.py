@@ -711,6 +711,11 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
     scales = [cfg.sample.cfg_scale, *[s for s in cfg.sample.extra_cfg_scales if s != cfg.sample.cfg_scale]]
     if any(float(scale) < 0 for scale in scales):
         raise ConfigError(f"sample.cfg_scale and sample.extra_cfg_scales must be ≥ 0, got {scales}")
+    if not 0 <= cfg.model.window_start_share <= 1:
+        raise ConfigError(f"model.window_start_share must be in [0, 1] (a share of training windows), got {cfg.model.window_start_share}")
+    if cfg.model.mid_start_bos and cfg.model.window_start_share == 0:
+        raise ConfigError("model.mid_start_bos=true needs model.window_start_share > 0: with no window begun mid-clip "
+                          "in training, the mid-start BOS that every long-form refill uses would stay untrained")
     set_threads(cfg)
     loaded: dict[str, Any] = {}
     record = ranks.prepare_once(
@@ -735,6 +740,7 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
         splits={"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split},
         expected_fingerprint=fingerprint,
         source_weights=[source.weight for source in sources],  # data.manifests weights reach LM training
+        window_start_share=cfg.model.window_start_share,
     )
     system = build_audio_lm(cfg, cache, record["sp_model_path"], pretransform.fingerprint())
     if record.get("text_embeddings"):

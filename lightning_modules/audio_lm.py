@@ -123,6 +123,7 @@ def build_decoder(cfg: DictConfig, max_prefix_len: int) -> CausalDecoder:
         dropout=model.dropout,
         target_embedding=cfg.mntp.target_embedding,
         rope=model.rope,
+        mid_start_bos=bool(model.get("mid_start_bos", False)),  # absent from older checkpoints
     )
 
 
@@ -289,8 +290,9 @@ class AudioLMSystem(L.LightningModule):
             noise = torch.randn(inputs.tokens.shape, generator=generator, device=device) * sigma
             noise = noise.to(inputs.tokens.dtype) * inputs.token_mask.unsqueeze(-1)
             inputs = dataclasses.replace(inputs, tokens=inputs.tokens + noise)
+        mid_start = batch.get("mid_start") if self.decoder.mid_bos is not None else None  # (B,) windows begun mid-clip
         z = self.decoder(
-            prefix, prefix_mask, inputs.tokens, inputs.position_ids, inputs.target_ids, inputs.token_mask
+            prefix, prefix_mask, inputs.tokens, inputs.position_ids, inputs.target_ids, inputs.token_mask, mid_start=mid_start,
         )  # (B, M+1, W)
         counts = inputs.slot_counts  # host: rows 0..counts[b]-1 of sample b may hold a target
         weight = gather_rows(inputs.target_mask, counts).float()  # (K,)
@@ -647,8 +649,9 @@ class AudioLMSystem(L.LightningModule):
 
         Long-form: the decoder's positions end at ``model.max_tokens``. When the context
         is full, the newest ``window_overlap`` fraction of it is kept: the KV cache is
-        refilled with the text prefix and those tokens at positions 0…K-1, and sampling
-        continues at position K (one refill every ``max_tokens - K`` tokens).
+        refilled with the text prefix and those tokens at positions 0…K-1 (after the
+        mid-start BOS when ``model.mid_start_bos``), and sampling continues at position K (one
+        refill every ``max_tokens - K`` tokens).
         """
         limit = self.decoder.max_tokens
         keep = window_keep(limit, window_overlap)
@@ -677,9 +680,11 @@ class AudioLMSystem(L.LightningModule):
             x = x.to(self.device, prefix.dtype)
             return torch.cat([x, x]) if guided else x
 
-        def refill(window: torch.Tensor | None) -> torch.Tensor:
-            """Prefix + BOS + ``window`` (B, K, D) at positions 0..K-1 into the cache -> z predicting K."""
-            z = self.decoder.prefill(prefix, prefix_mask, cache, target_id=0)  # (rows, W)
+        def refill(window: torch.Tensor | None, mid_start: bool = False) -> torch.Tensor:
+            """Prefix + BOS + ``window`` (B, K, D) at positions 0..K-1 into the cache -> z predicting K
+            (``mid_start``: a window shift; the mid-start BOS where the decoder has one)."""
+            mid_start = mid_start and self.decoder.mid_bos is not None
+            z = self.decoder.prefill(prefix, prefix_mask, cache, target_id=0, mid_start=mid_start)  # (rows, W)
             for j in range(0 if window is None else window.shape[1]):  # forced history
                 z = self.decoder.step(rows(window[:, j]), position_id=j, target_id=j + 1, cache=cache)
             return z
@@ -701,7 +706,7 @@ class AudioLMSystem(L.LightningModule):
                 z = self.decoder.step(rows(x), position_id=position, target_id=position + 1, cache=cache)
                 position += 1
             else:  # the window is full: keep its newest `keep` tokens
-                z = refill(torch.stack(list(recent), dim=1))
+                z = refill(torch.stack(list(recent), dim=1), mid_start=True)
                 position = len(recent)
 
     def forward(self, captions: list[str], num_tokens: int, **kwargs) -> torch.Tensor:

@@ -74,6 +74,32 @@ def make_batch(batch_size=4, num_tokens=12, token_dim=8, seed=0):
     return {"tokens": tokens, "token_mask": token_mask, "captions": CAPTIONS[:batch_size]}
 
 
+def test_training_windows_marked_mid_start_train_the_mid_start_bos(sp_model):
+    """``mid_start`` of a latent batch reaches the decoder: marked rows use (and train) the
+    second BOS; without ``model.mid_start_bos`` the flag is ignored (one BOS)."""
+    system = make_system(sp_model, "model.window_start_share=0.5", "model.mid_start_bos=true")
+    with torch.no_grad():  # the head's zero-initialised output layers would pass no gradient to the decoder
+        for p in system.head.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    batch = make_batch()
+    losses = {}
+    for marks in ([False] * 4, [True, False, True, False]):
+        system.zero_grad()
+        loss = system.diffusion_loss({**batch, "mid_start": torch.tensor(marks)}, torch.zeros(4),
+                                     torch.Generator().manual_seed(0), p_uncond=0.0)["loss"]
+        loss.backward()
+        losses[any(marks)] = float(loss)
+        grad = system.decoder.mid_bos.grad
+        assert (grad is not None and grad.abs().sum() > 0) == any(marks)
+    assert losses[True] != losses[False]
+    plain = make_system(sp_model)
+    assert plain.decoder.mid_bos is None
+    args = (torch.zeros(4), torch.Generator().manual_seed(0))
+    assert float(plain.diffusion_loss({**batch, "mid_start": torch.ones(4, dtype=torch.bool)}, *args, p_uncond=0.0)["loss"]) == \
+        float(plain.diffusion_loss(batch, torch.zeros(4), torch.Generator().manual_seed(0), p_uncond=0.0)["loss"])
+
+
 def test_ntp_step_equals_mntp_step_with_zero_ratio(sp_model, monkeypatch):
     batch = make_batch()
     ntp = make_system(sp_model, "mntp.ratio.kind=none")
@@ -211,23 +237,27 @@ def test_continuation_keeps_the_prompt_and_equals_generation_after_forced_histor
     assert not torch.allclose(continued[:, 4:], unprompted, atol=1e-3)  # the history is used
 
 
-def _naive_sliding_generate(system: AudioLMSystem, captions, num_tokens, sample_fn, keep):
+def _naive_sliding_generate(system: AudioLMSystem, captions, num_tokens, sample_fn, keep, mid_start_after_cut=False):
     """Full recomputation over a window that, once it holds model.max_tokens tokens, is cut
-    to its newest ``keep`` (renumbered from position 0)."""
+    to its newest ``keep`` (renumbered from position 0; ``mid_start_after_cut``: a cut
+    window starts with the mid-start BOS)."""
     prefix, prefix_mask = system.encode_text(captions)
     window = torch.zeros(len(captions), 0, system.token_dim)
-    out = []
+    out, cut = [], None
     for _ in range(num_tokens):
-        x = sample_fn(system.decoder(prefix, prefix_mask, window)[:, -1])
+        x = sample_fn(system.decoder(prefix, prefix_mask, window, mid_start=cut)[:, -1])
         out.append(x)
         window = torch.cat([window, x[:, None]], dim=1)
         if window.shape[1] == system.decoder.max_tokens:
             window = window[:, -keep:]
+            cut = torch.ones(len(captions), dtype=torch.bool) if mid_start_after_cut else None
     return torch.stack(out, dim=1)
 
 
-def test_long_form_sliding_window_equals_full_context_within_it_and_recomputation_beyond(sp_model, monkeypatch):
-    system = make_system(sp_model).eval()  # model.max_tokens=12
+@pytest.mark.parametrize("mid_start_bos", [False, True], ids=["one_bos", "mid_start_bos"])
+def test_long_form_sliding_window_equals_full_context_within_it_and_recomputation_beyond(sp_model, monkeypatch, mid_start_bos):
+    overrides = ["model.window_start_share=0.5", "model.mid_start_bos=true"] if mid_start_bos else []
+    system = make_system(sp_model, *overrides).eval()  # model.max_tokens=12
     proj = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 0.3
     sample_fn = lambda z: torch.tanh(z @ proj)  # noqa: E731 — deterministic stand-in for the diffusion sampler
     monkeypatch.setattr(system.head, "sample", lambda z_cond, z_uncond=None, **kw: sample_fn(z_cond))
@@ -235,10 +265,14 @@ def test_long_form_sliding_window_equals_full_context_within_it_and_recomputatio
     with torch.no_grad():
         within = system.generate_tokens(captions, 12, cfg_scale=1.0)
         long = system.generate_tokens(captions, 30, cfg_scale=1.0, window_overlap=0.5)  # keep 6 of 12
-        naive = _naive_sliding_generate(system, captions, 30, sample_fn, keep=6)
+        naive = _naive_sliding_generate(system, captions, 30, sample_fn, keep=6, mid_start_after_cut=mid_start_bos)
     assert long.shape == (2, 30, 8)
     torch.testing.assert_close(long[:, :12], within, atol=1e-5, rtol=1e-5)  # within the window: full context
     torch.testing.assert_close(long, naive, atol=1e-4, rtol=1e-4)
+    if mid_start_bos:  # the refilled windows do start with the mid-start BOS
+        with torch.no_grad():
+            one_bos = _naive_sliding_generate(system, captions, 30, sample_fn, keep=6)
+        assert not torch.allclose(long[:, 12:], one_bos[:, 12:], atol=1e-3)
     with pytest.raises(ValueError, match="window_overlap must be in \\(0, 1\\)"):
         system.generate_tokens(captions, 3, window_overlap=1.0)
 
@@ -423,9 +457,9 @@ def test_input_noise_reaches_the_decoder_inputs_only(sp_model, monkeypatch):
     seen = {}
     decoder_forward, head_loss = system.decoder.forward, system.head.loss
 
-    def decoder_spy(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask):
+    def decoder_spy(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask, **kwargs):
         seen["inputs"] = tokens.detach().clone()
-        return decoder_forward(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask)
+        return decoder_forward(prefix, prefix_mask, tokens, position_ids, target_ids, token_mask, **kwargs)
 
     def head_spy(targets, z, weight=None, generator=None):
         seen["targets"] = targets.detach().clone()[weight > 0]  # rows of weight 0 pad shapes, not targets

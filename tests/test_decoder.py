@@ -82,6 +82,31 @@ def test_kv_cache_matches_full_forward(mode, rope):
         dec.step(tokens[:, 0], M, M, cache)
 
 
+def test_mid_start_bos_marks_chosen_rows_and_the_cache_path_agrees():
+    """A window begun mid-clip gets the second BOS: those rows change, the others are the
+    plain decoder's (whose weights the extra vector leaves as they were); prefill with
+    mid_start equals the full forward with every row marked."""
+    plain, dec = tiny(), tiny(mid_start_bos=True)
+    marked_params = dict(dec.named_parameters())
+    assert set(marked_params) - dict(plain.named_parameters()).keys() == {"mid_bos"}
+    assert all(torch.equal(p, marked_params[name]) for name, p in plain.named_parameters())
+    B, M = 3, 6
+    prefix, pmask = padded_prefix(B)
+    tokens = torch.randn(B, M, TOKEN_DIM)
+    marked = torch.tensor([True, False, True])
+    z = dec(prefix, pmask, tokens, mid_start=marked)
+    z_plain = plain(prefix, pmask, tokens)
+    torch.testing.assert_close(z[1], z_plain[1])
+    assert not torch.allclose(z[0], z_plain[0]) and not torch.allclose(z[2], z_plain[2])
+    cache = dec.make_cache(B, L + 1 + M)
+    zs = [dec.prefill(prefix, pmask, cache, target_id=0, mid_start=True)]
+    zs += [dec.step(tokens[:, i], position_id=i, target_id=i + 1, cache=cache) for i in range(M)]
+    z_all = dec(prefix, pmask, tokens, mid_start=torch.ones(B, dtype=torch.bool))
+    torch.testing.assert_close(torch.stack(zs, 1), z_all, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="no mid-start BOS"):
+        plain(prefix, pmask, tokens, mid_start=marked)
+
+
 @pytest.mark.parametrize("rope", [False, True])
 def test_dropped_tokens_explicit_ids(rope):
     """MNTP input: kept tokens keep their original indices, targets are later tokens."""

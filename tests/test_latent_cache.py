@@ -137,6 +137,35 @@ def test_dataset_sampling_crop_pad_and_captions(tmp_path):
     torch.testing.assert_close(first["tokens"], expected)
 
 
+def test_window_start_share_begins_windows_inside_the_clip_as_a_long_form_refill_does(tmp_path):
+    """A late-starting window is the clip's own tokens from offset 1..n//2 on, then padding;
+    share 0 draws nothing extra (the same items as before the option existed); eval never."""
+    clips = fake_clips()
+    write_cache(tmp_path, clips)
+    cache = LatentCache(tmp_path)
+    plain = LatentDataset(cache, "train", sample_posterior=False, max_tokens=9)
+    late = LatentDataset(cache, "train", sample_posterior=False, max_tokens=9, window_start_share=1.0)
+    half = LatentDataset(cache, "train", sample_posterior=False, max_tokens=9, window_start_share=0.5)
+    assert torch.equal(LatentDataset(cache, "train", sample_posterior=False, max_tokens=9, window_start_share=0.0)[(4, 3)]["tokens"],
+                       plain[(4, 3)]["tokens"])
+    full = cache.normalize(clips[4]["mean"][:7])  # clip4: 7 tokens, padded to 9
+    offsets, late_count = set(), 0
+    for item_seed in range(40):
+        item = late[(4, item_seed)]
+        n = int(item["token_mask"].sum())
+        offset = 7 - n
+        assert 1 <= offset <= 3 and item["token_mask"].tolist() == [True] * n + [False] * (9 - n)
+        torch.testing.assert_close(item["tokens"][:n], full[offset:])
+        offsets.add(offset)
+        late_count += int(half[(4, item_seed)]["token_mask"].sum()) < 7
+    assert offsets == {1, 2, 3}
+    assert 8 <= late_count <= 32  # about half of 40
+    val = LatentDataset(cache, "val", sample_posterior=False, max_tokens=9, train=False, window_start_share=1.0)
+    assert int(val[0]["token_mask"].sum()) == 8
+    with pytest.raises(ValueError, match="window_start_share"):
+        LatentDataset(cache, "train", window_start_share=1.5)
+
+
 def test_datamodule_batches(tmp_path):
     write_cache(tmp_path, fake_clips())
     datamodule = LatentDataModule(tmp_path, batch_size=2, max_tokens=None, seed=0, expected_fingerprint=FINGERPRINT)
@@ -244,3 +273,16 @@ def test_manifest_weights_reach_lm_training_through_the_cache(tmp_path):
     assert draws.count(0) / len(draws) == pytest.approx(0.75, abs=0.02)
     unweighted = LatentDataModule(tmp_path, batch_size=2, max_tokens=6, splits={"train": "train"}).train_dataloader()
     assert sorted(i for i, _ in unweighted.sampler) == list(range(12))  # one manifest: a permutation, as before
+
+
+def test_bad_window_start_settings_are_refused_before_any_work(tmp_path):
+    from experiments import pipeline
+    from experiments.config import ConfigError, load_config
+
+    cfg = load_config("demo", ["model.window_start_share=1.5", f"run.root={tmp_path}/runs", f"run.data_root={tmp_path}/data"])
+    with pytest.raises(ConfigError, match="model.window_start_share must be in"):
+        pipeline.train_audio_lm(cfg)
+    cfg = load_config("demo", ["model.mid_start_bos=true", f"run.root={tmp_path}/runs", f"run.data_root={tmp_path}/data"])
+    with pytest.raises(ConfigError, match="model.mid_start_bos=true needs model.window_start_share > 0"):
+        pipeline.train_audio_lm(cfg)
+    assert not any(tmp_path.iterdir())  # nothing prepared, nothing written

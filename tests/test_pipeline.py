@@ -189,6 +189,35 @@ def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
     assert settings["window_shift_seconds"] == [2.0, 2.48, 2.96]  # tokens 50, 62, 74 at 25 tokens/s: where to listen
 
 
+def test_seam_measure_tells_a_planted_seam_from_its_control():
+    from experiments.seam import measure_seam
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 40, 8, generator=generator).cumsum(dim=1) * 0.1  # a smooth walk
+    tokens[:, 20:] += 5.0  # a jump at the window shift (token 20), none at the control (30)
+    log_mel = tokens.repeat_interleave(4, dim=1)
+    result = measure_seam(tokens, log_mel, [20], frames_per_token=4)
+    assert result["tokens"]["ratio"] > 10 and result["tokens"]["exceed_p95"] == 1.0
+    assert result["tokens_control"]["ratio"] < 3 and result["log_mel"]["ratio"] > 10
+    assert result["log_mel_control"]["exceed_p95"] < 1.0
+
+
+def test_seam_cli_measures_the_window_shifts_of_the_demo_checkpoint(demo_run, tmp_path, capsys):
+    from experiments import seam
+
+    root, run_dir = demo_run
+    out = tmp_path / "seam.json"
+    assert seam.main(["--runs", str(root / "runs"), "--seconds", "3", "--captions", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["shifts"] == [50, 62, 74] and len(result["captions"]) == 2  # as make generate's window_shift_seconds
+    assert {"tokens", "tokens_control", "log_mel", "log_mel_control"} <= set(result)
+    assert all(result[key]["at_boundary"] > 0 for key in ("tokens", "log_mel"))
+    assert "[seam] tokens " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="fits the context"):
+        seam.main(["--runs", str(root / "runs"), "--seconds", "1", "--out", str(tmp_path / "none.json")])
+    assert not (tmp_path / "none.json").exists()
+
+
 def test_generate_cli_continues_an_audio_prompt(demo_run, tmp_path):
     """`make generate AUDIO_PROMPT=clip.wav`: the wav is the prompt's resynthesis followed by the
     continuation; samples.json records what was given; a clip that does not decode is refused."""

@@ -241,11 +241,14 @@ class CausalDecoder(nn.Module):
         dropout: attention / residual dropout.
         target_embedding: "output" | "input" | "none" (see module docstring).
         rope: also rotary position embeddings in attention (see module docstring).
+        mid_start_bos: also learn a second BOS vector for a window that begins in the middle
+            of a clip (``mid_start`` in :meth:`forward` and :meth:`prefill`): training windows
+            that start late, and the window a long-form refill starts.
     """
 
     def __init__(self, token_dim: int, width: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                  max_prefix_len: int = 78, max_tokens: int = 256, dropout: float = 0.0,
-                 target_embedding: str = "output", rope: bool = False):
+                 target_embedding: str = "output", rope: bool = False, mid_start_bos: bool = False):
         super().__init__()
         if target_embedding not in TARGET_EMBEDDINGS:
             raise ValueError(f"target_embedding must be one of {TARGET_EMBEDDINGS}, got {target_embedding!r}")
@@ -255,6 +258,7 @@ class CausalDecoder(nn.Module):
 
         self.token_proj = nn.Linear(token_dim, width)
         self.bos = nn.Parameter(torch.zeros(width))
+        self.mid_bos = nn.Parameter(torch.zeros(width)) if mid_start_bos else None
         self.prefix_pos = nn.Embedding(max_prefix_len, width)
         self.audio_pos = nn.Embedding(max_tokens + 1, width)  # position id 0 = BOS, i+1 = token i
         # target token index t in [0, max_tokens]; t = max_tokens only marks the invalid slot after the last token
@@ -269,6 +273,8 @@ class CausalDecoder(nn.Module):
 
         init_transformer_weights(self, depth)
         nn.init.normal_(self.bos, std=0.02)
+        if self.mid_bos is not None:  # drawn last: the other weights are those of a decoder without it
+            nn.init.normal_(self.mid_bos, std=0.02)
 
     # -------------------------------------------------------------- embeddings
 
@@ -281,9 +287,15 @@ class CausalDecoder(nn.Module):
             raise ValueError(f"prefix width {prefix.shape[-1]} != decoder width {self.width}")
         return prefix + self.prefix_pos.weight[:L]
 
-    def _embed_bos(self, batch_size: int, target_ids: torch.Tensor | None) -> torch.Tensor:
-        """-> (B, 1, W): BOS + audio_pos[0] (+ target_pos in "input" mode)."""
-        x = (self.bos + self.audio_pos.weight[0]).expand(batch_size, 1, self.width)  # (B, 1, W)
+    def _embed_bos(self, batch_size: int, target_ids: torch.Tensor | None, mid_start: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (B, 1, W): BOS (the mid-start BOS on rows where ``mid_start`` (B,) is True) +
+        audio_pos[0] (+ target_pos in "input" mode)."""
+        bos = self.bos.expand(batch_size, self.width)  # (B, W)
+        if mid_start is not None:
+            if self.mid_bos is None:
+                raise ValueError("mid_start given, but this decoder has no mid-start BOS (model.mid_start_bos=false)")
+            bos = torch.where(mid_start.view(batch_size, 1), self.mid_bos, bos)
+        x = (bos + self.audio_pos.weight[0]).unsqueeze(1)  # (B, 1, W)
         if self.target_embedding == "input":
             x = x + self.target_pos(target_ids)  # target_ids (B, 1)
         return x
@@ -311,7 +323,7 @@ class CausalDecoder(nn.Module):
 
     def forward(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, tokens: torch.Tensor,
                 position_ids: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                token_mask: torch.Tensor | None = None, mid_start: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence (teacher-forced) pass.
 
         Args:
@@ -324,6 +336,8 @@ class CausalDecoder(nn.Module):
                 (default ``arange(M + 1)``); must be < max_tokens at valid positions.
                 Entries at padded tokens are ignored.
             token_mask: (B, M) bool, True = valid (default all valid).
+            mid_start: (B,) bool, True where the window begins in the middle of a clip (the
+                mid-start BOS; needs ``mid_start_bos``); None: the plain BOS everywhere.
         Returns:
             z: (B, M + 1, W); z[:, 0] is the output at BOS, z[:, j + 1] at input token j.
         """
@@ -347,7 +361,7 @@ class CausalDecoder(nn.Module):
 
         x = torch.cat([
             self._embed_prefix(prefix),                                     # (B, L, W)
-            self._embed_bos(B, target_ids[:, :1]),                          # (B, 1, W)
+            self._embed_bos(B, target_ids[:, :1], mid_start),               # (B, 1, W)
             self._embed_tokens(tokens, position_ids, target_ids[:, 1:]),    # (B, M, W)
         ], dim=1)  # (B, S = L + 1 + M, W)
         x = self.drop(x)
@@ -393,13 +407,15 @@ class CausalDecoder(nn.Module):
 
     @torch.no_grad()
     def prefill(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, cache: KVCache,
-                target_id: int = 0) -> torch.Tensor:
+                target_id: int = 0, mid_start: bool = False) -> torch.Tensor:
         """Run prefix + BOS into an empty cache.
 
         Args:
             prefix: (B, L, W); prefix_mask: (B, L) bool True = valid.
             cache: from :meth:`make_cache` (it is reset here).
             target_id: target token index predicted at BOS (0 for generation).
+            mid_start: the window begins in the middle of a clip (a long-form refill): the
+                mid-start BOS on every row (needs ``mid_start_bos``).
         Returns:
             z_bos: (B, W), the output at BOS (predicts token ``target_id``).
         """
@@ -408,7 +424,8 @@ class CausalDecoder(nn.Module):
             raise ValueError(f"cache max_len {cache.max_len} < prefix + BOS = {L + 1}")
         cache.reset()
         tid = torch.full((B, 1), target_id, dtype=torch.long, device=prefix.device)
-        x = torch.cat([self._embed_prefix(prefix), self._embed_bos(B, tid)], dim=1)  # (B, L+1, W)
+        mid = torch.full((B,), True, device=prefix.device) if mid_start else None
+        x = torch.cat([self._embed_prefix(prefix), self._embed_bos(B, tid, mid)], dim=1)  # (B, L+1, W)
         key_valid = torch.cat([prefix_mask.bool(), torch.ones_like(prefix_mask[:, :1], dtype=torch.bool)], 1)
         attn_mask = self.attention_mask(key_valid)  # (B, 1, L+1, L+1)
         S = L + 1
