@@ -583,7 +583,7 @@ def evaluate(cfg: DictConfig, ckpt: Path, sample_overrides: Sequence[str] = ()) 
         lm_cfg = OmegaConf.merge(lm_cfg, parse_overrides(sample_overrides))
     pretransform = load_pretransform_for(lm_cfg).to(device).eval()
     check_pretransform(system, pretransform)
-    if note := check_length(system, pretransform, seconds):
+    if note := check_length(lm_cfg, system, pretransform, seconds):
         log(note)
 
     def render_batch(captions: list[str], batch_index: int) -> torch.Tensor:

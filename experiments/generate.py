@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
         prompt_seconds = prompt_tokens.shape[1] / pretransform.tokens_per_second
-    note = check_length(system, pretransform, sample.seconds + prompt_seconds)
+    note = check_length(cfg, system, pretransform, sample.seconds + prompt_seconds)
     if note:
         print(f"[generate] {note}", file=console)
     if prompt_tokens is not None and prompt_tokens.shape[1] >= system.decoder.max_tokens:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     num_prompt = 0 if prompt_tokens is None else int(prompt_tokens.shape[1])
     shifts = window_shifts(num_tokens_for(sample.seconds, pretransform), system.decoder.max_tokens,
-                           float(sample.window_overlap), num_prompt)
+                           float(sample.window_overlap), num_prompt, int(sample.window_end_tokens))
     if shifts:  # where in each wav the long-form window shifted: listen there for a seam
         tps = pretransform.tokens_per_second
         settings["window_shift_seconds"] = [round((num_prompt + i) / tps, 3) for i in shifts]

@@ -32,7 +32,7 @@ from datamodules.synthetic import generate_corpus
 from experiments import ranks
 from datamodules.atomic import remove_stale_temporaries, write_text_atomic
 from experiments.config import ConfigError, last_run_dir, make_run_dir
-from lightning_modules.audio_lm import AudioLMSystem, window_keep
+from lightning_modules.audio_lm import AudioLMSystem, window_keep, window_limit
 from lightning_modules.callbacks import AudioSamplesCallback, StepProgressBar
 from lightning_modules.checkpoints import (
     CheckpointError,
@@ -426,18 +426,23 @@ def num_tokens_for(seconds: float, pretransform: MelVAEPretransform) -> int:
     return max(1, round(seconds * pretransform.tokens_per_second))
 
 
-def check_length(system: AudioLMSystem, pretransform: MelVAEPretransform, seconds: float) -> str | None:
+def check_length(cfg: DictConfig, system: AudioLMSystem, pretransform: MelVAEPretransform, seconds: float) -> str | None:
     """How ``seconds`` of audio fit the checkpoint's context: None when within
-    ``model.max_tokens``, else a note on the sliding window that generates them."""
+    ``model.max_tokens``, else a note on the sliding window (``cfg.sample``) that generates them."""
     tokens, limit = num_tokens_for(seconds, pretransform), system.decoder.max_tokens
     if tokens <= limit:
         return None
-    overlap = float(system.cfg.sample.get("window_overlap", 0.75))
-    keep = window_keep(limit, overlap)
+    overlap = float(cfg.sample.window_overlap)
+    end_tokens = int(cfg.sample.window_end_tokens)
+    window = window_limit(limit, tokens, end_tokens)
+    keep = window_keep(window, overlap)
     tps = pretransform.tokens_per_second
     return (f"{seconds:g} s needs {tokens} tokens, beyond the checkpoint's context (model.max_tokens={limit}, "
-            f"{limit / tps:g} s): generated with a sliding window that keeps the newest {keep} tokens "
-            f"({keep / tps:g} s, sample.window_overlap={overlap:g}) at each shift")
+            f"{limit / tps:g} s): generated with a sliding window of {window} tokens (sample.window_end_tokens="
+            f"{end_tokens}) that keeps the newest {keep} ({keep / tps:g} s, sample.window_overlap={overlap:g}) at each shift")
+
+
+PROMPT_RIGHT_CONTEXT_SECONDS = 1.0  # audio after an audio prompt read with it, so that its last token is not a clip end
 
 
 @torch.no_grad()
@@ -450,26 +455,34 @@ def encode_audio_prompt(
     the pretransform's rate, normalised as ``data.normalize`` says, encoded to the VAE's
     posterior mean and normalised with the LM's latent statistics.
 
+    The VAE encodes a clip's last token differently (it sees the clip's border; on the demo
+    its norm is 11.1 against 7.3 elsewhere), and a continuation after such a token starts with
+    a seam. So the file is read ``PROMPT_RIGHT_CONTEXT_SECONDS`` further and the prompt cut
+    from that encoding; when the file ends within the prompt, its last token (the clip's end)
+    is dropped: P is then one less than ``seconds`` asks (callers read P from the shape).
+
     Raises:
-        ValueError: naming the file, when it does not decode or is shorter than one token.
+        ValueError: naming the file, when it does not decode or is shorter than two tokens.
     """
     from datamodules.audio_io import AudioDecodeError, audioldm_normalize, load_audio
 
     if not seconds > 0:
         raise ValueError(f"PROMPT_SECONDS / --prompt-seconds must be > 0, got {seconds:g}")
     try:
-        wave = load_audio(path, target_sr=pretransform.sample_rate, max_seconds=seconds)  # (S,)
+        wave = load_audio(path, target_sr=pretransform.sample_rate, max_seconds=seconds + PROMPT_RIGHT_CONTEXT_SECONDS)  # (S,)
     except AudioDecodeError as err:
         raise ValueError(f"audio prompt: {err}") from None
     count = num_tokens_for(seconds, pretransform)
-    if wave.shape[0] < round(pretransform.sample_rate / pretransform.tokens_per_second):
-        raise ValueError(f"audio prompt {path} holds {wave.shape[0] / pretransform.sample_rate:.3f} s, less than one token")
+    if wave.shape[0] < 2 * round(pretransform.sample_rate / pretransform.tokens_per_second):
+        raise ValueError(f"audio prompt {path} holds {wave.shape[0] / pretransform.sample_rate:.3f} s, less than two tokens "
+                         "(the last token of a clip is its end, and is dropped)")
     if cfg.data.normalize == "audioldm":
         wave = audioldm_normalize(wave)
     wave_t = torch.from_numpy(wave)[None].to(system.device)
     pretransform.to(system.device)
     mean, _, token_mask = pretransform.encode_moments(wave_t)
-    tokens = mean[:, : min(count, int(token_mask[0].sum()))]
+    available = int(token_mask[0].sum())
+    tokens = mean[:, : min(count, available - 1)] if available <= count else mean[:, :count]
     return ((tokens - system.latent_mean) / system.latent_std).float()
 
 
@@ -481,6 +494,7 @@ def _sampling_kwargs(cfg: DictConfig, system: AudioLMSystem, generator_seed: int
     return dict(
         cfg_scale=sample.cfg_scale if cfg_scale is None else cfg_scale, temperature=sample.temperature, num_steps=sample.steps, sampler=sample.sampler,
         cfg_schedule=sample.cfg_schedule, cfg_rescale=sample.cfg_rescale,
+        window_overlap=sample.window_overlap, window_end_tokens=sample.window_end_tokens,
         generator=torch.Generator(device=system.device).manual_seed(generator_seed),
     )
 

@@ -1,12 +1,13 @@
 """Measure the seam at long-form window shifts (``make seam``).
 
     python -m experiments.seam [--ckpt CKPT | --exp demo] [--seconds 6] [--overlap 0.75]
-        [--captions 16] [--seed 0] [--out FILE.json]
+        [--end-tokens N] [--captions 16] [--seed 0] [--out FILE.json]
 
 Generates the first caption of ``--captions`` clips of the checkpoint's test split
 (``data.test_split`` of its manifests; the synthetic corpus for the demo) for ``--seconds``,
-beyond the model's context, so the sliding window shifts (``sample.window_overlap``, or
-``--overlap``), with the checkpoint's other sampling settings. Then it measures how far the
+beyond the model's context, so the sliding window shifts (``sample.window_overlap`` and
+``sample.window_end_tokens``, or ``--overlap`` and ``--end-tokens``), with the checkpoint's
+other sampling settings. Then it measures how far the
 sequence jumps across the shifts against every other step
 (:func:`lightning_modules.metrics.boundary_jumps`), in tokens and in the VAE decoder's
 log-mel frames, and, as a control, at the midpoints between shifts, where nothing special
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", default="runs", help="runs root for the default checkpoint")
     parser.add_argument("--seconds", type=float, help="length generated (default: three contexts)")
     parser.add_argument("--overlap", type=float, help="window overlap (default: the checkpoint's sample.window_overlap)")
+    parser.add_argument("--end-tokens", type=int, help="the context's last positions the window never samples "
+                        "(default: the checkpoint's sample.window_end_tokens)")
     parser.add_argument("--captions", type=int, default=16, help="test clips whose first caption is generated")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", help="JSON file to write")
@@ -89,24 +92,28 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     cfg = config_from_container(system.hparams["config"])
     overlap = float(cfg.sample.window_overlap if args.overlap is None else args.overlap)
+    end_tokens = int(cfg.sample.window_end_tokens if args.end_tokens is None else args.end_tokens)
     pretransform = load_pretransform_for(cfg).to(device).eval()
     check_pretransform(system, pretransform)
     limit = system.decoder.max_tokens
     seconds = args.seconds if args.seconds is not None else 3 * limit / pretransform.tokens_per_second
     num_tokens = num_tokens_for(seconds, pretransform)
-    shifts = window_shifts(num_tokens, limit, overlap)
+    if not 0 <= end_tokens <= limit - 2:
+        raise SystemExit(f"error: --end-tokens={end_tokens} must be in [0, model.max_tokens - 2 = {limit - 2}]")
+    shifts = window_shifts(num_tokens, limit, overlap, window_end_tokens=end_tokens)
     if not shifts:
         raise SystemExit(f"error: --seconds={seconds:g} fits the context (model.max_tokens={limit}): no window shift to measure")
     captions = test_captions(cfg, args.captions)
     print(f"[seam] {len(captions)} captions, {seconds:g} s = {num_tokens} tokens, {len(shifts)} window shifts "
-          f"(overlap {overlap:g}, model.max_tokens={limit})")
+          f"(overlap {overlap:g}, model.max_tokens={limit}, window_end_tokens={end_tokens})")
     start = time.perf_counter()
     with torch.no_grad():
-        tokens = system.generate_tokens(captions, num_tokens, window_overlap=overlap, progress=True,
-                                        **_sampling_kwargs(cfg, system, args.seed))
+        kwargs = {**_sampling_kwargs(cfg, system, args.seed), "window_overlap": overlap, "window_end_tokens": end_tokens}
+        tokens = system.generate_tokens(captions, num_tokens, progress=True, **kwargs)
         log_mel = pretransform.decode_mel(tokens).transpose(1, 2)  # (B, 4N, n_mels)
     result = {
-        "checkpoint": str(ckpt.resolve()), "seconds": seconds, "window_overlap": overlap, "shifts": shifts,
+        "checkpoint": str(ckpt.resolve()), "seconds": seconds, "window_overlap": overlap,
+        "window_end_tokens": end_tokens, "shifts": shifts,
         "captions": captions, "seed": args.seed, "sampler": cfg.sample.sampler, "steps": int(cfg.sample.steps),
         "cfg_scale": float(cfg.sample.cfg_scale), "generate_s": round(time.perf_counter() - start, 1),
         **measure_seam(tokens.float(), log_mel.float(), shifts, pretransform.downsample),

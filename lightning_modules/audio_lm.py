@@ -87,21 +87,39 @@ def guidance_scales(cfg_scale: float, schedule: str, num_tokens: int) -> list[fl
     raise ValueError(f"sample.cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
 
 
-def window_keep(max_tokens: int, window_overlap: float) -> int:
+def window_limit(max_tokens: int, total_tokens: int, window_end_tokens: int) -> int:
+    """The positions a generation of ``total_tokens`` (prompt + new) may use: the whole
+    context when it fits, else (long-form) the context less its last ``window_end_tokens``
+    positions. In training those hold the clip's end: the VAE's clip-edge token (it sees the
+    clip's border: on the demo the last token's norm is 11.1 against 7.3 elsewhere) and, on
+    AudioCaps, the zero padding of a 10 s clip to the 10.24 s context. A window that shifts
+    before reaching them never writes a clip end into the middle of the sequence (the seam).
+    """
+    if not 0 <= window_end_tokens <= max_tokens - 2:
+        raise ValueError(f"sample.window_end_tokens must be in [0, model.max_tokens - 2 = {max_tokens - 2}], got {window_end_tokens}")
+    return max_tokens if total_tokens <= max_tokens else max_tokens - window_end_tokens
+
+
+def window_keep(window: int, window_overlap: float) -> int:
     """Tokens the long-form sliding window keeps at each shift: ``window_overlap`` of the
-    context, at least one and at most ``max_tokens - 1``."""
-    return max(1, min(max_tokens - 1, int(round(window_overlap * max_tokens))))
+    window (:func:`window_limit`), at least one and at most ``window - 1``."""
+    return max(1, min(window - 1, int(round(window_overlap * window))))
 
 
-def window_shifts(num_tokens: int, max_tokens: int, window_overlap: float, num_prompt: int = 0) -> list[int]:
+def window_shifts(num_tokens: int, max_tokens: int, window_overlap: float, num_prompt: int = 0,
+                  window_end_tokens: int = 0) -> list[int]:
     """Indices among ``num_tokens`` generated tokens of those sampled right after the window
     shifted (the KV cache refilled with the newest :func:`window_keep` tokens): where a
-    seam could be heard. Empty when prompt + tokens fit the context. Mirrors the loop of
-    :meth:`AudioLMSystem.iter_tokens`: the first shift comes when the context is full, then
-    one every ``max_tokens - keep`` tokens."""
-    keep, position, shifts = window_keep(max_tokens, window_overlap), num_prompt, []
+    seam could be heard (0: a prompt that fills the window alone). Empty when prompt + tokens
+    fit the context. Mirrors the loop of
+    :meth:`AudioLMSystem.iter_tokens`: the first shift comes when the window
+    (:func:`window_limit`) is full, then one every ``window - keep`` tokens."""
+    window = window_limit(max_tokens, num_prompt + num_tokens, window_end_tokens)
+    keep, position, shifts = window_keep(window, window_overlap), num_prompt, []
+    if num_prompt >= window:  # the loop starts from the prompt's newest `keep` tokens
+        shifts, position = [0], keep
     for i in range(1, num_tokens):
-        if position + 1 < max_tokens:
+        if position + 1 < window:
             position += 1
         else:
             shifts.append(i)
@@ -545,6 +563,7 @@ class AudioLMSystem(L.LightningModule):
         cfg_rescale: float | None = None,
         prompt_tokens: torch.Tensor | None = None,
         window_overlap: float | None = None,
+        window_end_tokens: int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
         """Autoregressive sampling with the KV cache: NTP inference (target = current + 1),
@@ -572,6 +591,8 @@ class AudioLMSystem(L.LightningModule):
             window_overlap: long-form generation beyond ``model.max_tokens`` (see
                 :meth:`_sampling_loop`): the fraction of the context kept at each window shift
                 (default ``sample.window_overlap``).
+            window_end_tokens: long-form: the context's last positions the window never
+                samples (:func:`window_limit`; default ``sample.window_end_tokens``).
             progress: show a progress bar over the N tokens (with its ETA) on stderr.
 
         Returns:
@@ -581,7 +602,7 @@ class AudioLMSystem(L.LightningModule):
         tokens = self.iter_tokens(
             captions, num_tokens, cfg_scale=cfg_scale, temperature=temperature, num_steps=num_steps,
             generator=generator, sampler=sampler, cfg_schedule=cfg_schedule, cfg_rescale=cfg_rescale,
-            prompt_tokens=prompt_tokens, window_overlap=window_overlap,
+            prompt_tokens=prompt_tokens, window_overlap=window_overlap, window_end_tokens=window_end_tokens,
         )
         if progress:
             from tqdm.auto import tqdm
@@ -608,6 +629,7 @@ class AudioLMSystem(L.LightningModule):
         cfg_rescale: float | None = None,
         prompt_tokens: torch.Tensor | None = None,
         window_overlap: float | None = None,
+        window_end_tokens: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """:meth:`generate_tokens` as an iterator (the streaming API): yields each of the N
         new tokens, (B, token_dim) float32 normalised, as soon as it is sampled; the same
@@ -625,9 +647,12 @@ class AudioLMSystem(L.LightningModule):
         window_overlap = float(sample_cfg.get("window_overlap", 0.75) if window_overlap is None else window_overlap)
         if not 0.0 < window_overlap < 1.0:
             raise ValueError(f"sample.window_overlap must be in (0, 1), got {window_overlap}")
+        window_end_tokens = int(sample_cfg.get("window_end_tokens", 0) if window_end_tokens is None else window_end_tokens)
+        num_prompt = 0 if prompt_tokens is None else int(prompt_tokens.shape[1])
+        window = window_limit(self.decoder.max_tokens, num_prompt + num_tokens, window_end_tokens)
         return self._sampling_loop(
             captions, num_tokens, token_scales, temperature, num_steps, generator, sampler, cfg_rescale, prompt_tokens,
-            window_overlap,
+            window_overlap, window,
         )
 
     @torch.no_grad()
@@ -643,18 +668,20 @@ class AudioLMSystem(L.LightningModule):
         cfg_rescale: float,
         prompt_tokens: torch.Tensor | None,
         window_overlap: float,
+        window: int,
     ) -> Iterator[torch.Tensor]:
         """The sampling loop behind :meth:`iter_tokens`: yields each new token (B, token_dim)
         float32 as soon as it is sampled. Arguments as resolved by :meth:`iter_tokens`.
 
-        Long-form: the decoder's positions end at ``model.max_tokens``. When the context
+        Long-form: the decoder's positions end at ``model.max_tokens``; a generation longer
+        than that uses the first ``window`` of them (:func:`window_limit`). When the window
         is full, the newest ``window_overlap`` fraction of it is kept: the KV cache is
         refilled with the text prefix and those tokens at positions 0…K-1 (after the
         mid-start BOS when ``model.mid_start_bos``), and sampling continues at position K (one
-        refill every ``max_tokens - K`` tokens).
+        refill every ``window - K`` tokens).
         """
         limit = self.decoder.max_tokens
-        keep = window_keep(limit, window_overlap)
+        keep = window_keep(window, window_overlap)
         num_prompt = 0 if prompt_tokens is None else int(prompt_tokens.shape[1])
         if num_prompt >= limit:
             raise ValueError(f"the audio prompt has {num_prompt} tokens; the model's context is model.max_tokens={limit}")
@@ -680,17 +707,21 @@ class AudioLMSystem(L.LightningModule):
             x = x.to(self.device, prefix.dtype)
             return torch.cat([x, x]) if guided else x
 
-        def refill(window: torch.Tensor | None, mid_start: bool = False) -> torch.Tensor:
-            """Prefix + BOS + ``window`` (B, K, D) at positions 0..K-1 into the cache -> z predicting K
+        def refill(history: torch.Tensor | None, mid_start: bool = False) -> torch.Tensor:
+            """Prefix + BOS + ``history`` (B, K, D) at positions 0..K-1 into the cache -> z predicting K
             (``mid_start``: a window shift; the mid-start BOS where the decoder has one)."""
             mid_start = mid_start and self.decoder.mid_bos is not None
             z = self.decoder.prefill(prefix, prefix_mask, cache, target_id=0, mid_start=mid_start)  # (rows, W)
-            for j in range(0 if window is None else window.shape[1]):  # forced history
-                z = self.decoder.step(rows(window[:, j]), position_id=j, target_id=j + 1, cache=cache)
+            for j in range(0 if history is None else history.shape[1]):  # forced history
+                z = self.decoder.step(rows(history[:, j]), position_id=j, target_id=j + 1, cache=cache)
             return z
 
-        z = refill(prompt_tokens)
-        position = num_prompt  # the next token's position in the current window
+        if num_prompt < window:
+            z = refill(prompt_tokens)
+            position = num_prompt  # the next token's position in the current window
+        else:  # the prompt fills the long-form window already: start from its newest `keep` tokens
+            z = refill(prompt_tokens[:, -keep:], mid_start=True)
+            position = keep
         recent = collections.deque((prompt_tokens[:, j].float() for j in range(num_prompt)), maxlen=keep)  # (B, D) each, for a refill
         for i in range(num_tokens):
             z_cond, z_uncond = (z[:batch_size], z[batch_size:]) if guided else (z, None)
@@ -702,7 +733,7 @@ class AudioLMSystem(L.LightningModule):
             if i + 1 == num_tokens:
                 break
             recent.append(x)
-            if position + 1 < limit:
+            if position + 1 < window:
                 z = self.decoder.step(rows(x), position_id=position, target_id=position + 1, cache=cache)
                 position += 1
             else:  # the window is full: keep its newest `keep` tokens

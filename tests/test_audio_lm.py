@@ -237,10 +237,11 @@ def test_continuation_keeps_the_prompt_and_equals_generation_after_forced_histor
     assert not torch.allclose(continued[:, 4:], unprompted, atol=1e-3)  # the history is used
 
 
-def _naive_sliding_generate(system: AudioLMSystem, captions, num_tokens, sample_fn, keep, mid_start_after_cut=False):
-    """Full recomputation over a window that, once it holds model.max_tokens tokens, is cut
-    to its newest ``keep`` (renumbered from position 0; ``mid_start_after_cut``: a cut
-    window starts with the mid-start BOS)."""
+def _naive_sliding_generate(system: AudioLMSystem, captions, num_tokens, sample_fn, keep, mid_start_after_cut=False,
+                            end_tokens=0):
+    """Full recomputation over a window that, once it holds model.max_tokens - ``end_tokens``
+    tokens, is cut to its newest ``keep`` (renumbered from position 0; ``mid_start_after_cut``:
+    a cut window starts with the mid-start BOS)."""
     prefix, prefix_mask = system.encode_text(captions)
     window = torch.zeros(len(captions), 0, system.token_dim)
     out, cut = [], None
@@ -248,33 +249,46 @@ def _naive_sliding_generate(system: AudioLMSystem, captions, num_tokens, sample_
         x = sample_fn(system.decoder(prefix, prefix_mask, window, mid_start=cut)[:, -1])
         out.append(x)
         window = torch.cat([window, x[:, None]], dim=1)
-        if window.shape[1] == system.decoder.max_tokens:
+        if window.shape[1] == system.decoder.max_tokens - end_tokens:
             window = window[:, -keep:]
             cut = torch.ones(len(captions), dtype=torch.bool) if mid_start_after_cut else None
     return torch.stack(out, dim=1)
 
 
-@pytest.mark.parametrize("mid_start_bos", [False, True], ids=["one_bos", "mid_start_bos"])
-def test_long_form_sliding_window_equals_full_context_within_it_and_recomputation_beyond(sp_model, monkeypatch, mid_start_bos):
+@pytest.mark.parametrize("mid_start_bos, end_tokens", [(False, 0), (True, 0), (False, 1), (False, 3)],
+                         ids=["one_bos", "mid_start_bos", "end_tokens_1", "end_tokens_3"])
+def test_long_form_sliding_window_equals_full_context_within_it_and_recomputation_beyond(sp_model, monkeypatch, mid_start_bos, end_tokens):
+    """Within the context nothing changes (``window_end_tokens`` included); beyond it the
+    window of max_tokens - end_tokens positions equals full recomputation over a window cut
+    to its newest tokens."""
     overrides = ["model.window_start_share=0.5", "model.mid_start_bos=true"] if mid_start_bos else []
     system = make_system(sp_model, *overrides).eval()  # model.max_tokens=12
     proj = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 0.3
     sample_fn = lambda z: torch.tanh(z @ proj)  # noqa: E731 — deterministic stand-in for the diffusion sampler
     monkeypatch.setattr(system.head, "sample", lambda z_cond, z_uncond=None, **kw: sample_fn(z_cond))
     captions = CAPTIONS[:2]
+    keep = round(0.5 * (12 - end_tokens))
     with torch.no_grad():
-        within = system.generate_tokens(captions, 12, cfg_scale=1.0)
-        long = system.generate_tokens(captions, 30, cfg_scale=1.0, window_overlap=0.5)  # keep 6 of 12
-        naive = _naive_sliding_generate(system, captions, 30, sample_fn, keep=6, mid_start_after_cut=mid_start_bos)
+        within = system.generate_tokens(captions, 12, cfg_scale=1.0, window_end_tokens=0)
+        within_end = system.generate_tokens(captions, 12, cfg_scale=1.0, window_end_tokens=end_tokens)
+        long = system.generate_tokens(captions, 30, cfg_scale=1.0, window_overlap=0.5, window_end_tokens=end_tokens)
+        naive = _naive_sliding_generate(system, captions, 30, sample_fn, keep=keep, mid_start_after_cut=mid_start_bos,
+                                        end_tokens=end_tokens)
     assert long.shape == (2, 30, 8)
-    torch.testing.assert_close(long[:, :12], within, atol=1e-5, rtol=1e-5)  # within the window: full context
+    torch.testing.assert_close(within_end, within, atol=0, rtol=0)  # a clip that fits uses the whole context
+    window = 12 - end_tokens
+    torch.testing.assert_close(long[:, :window], within[:, :window], atol=1e-5, rtol=1e-5)  # within the window: full context
     torch.testing.assert_close(long, naive, atol=1e-4, rtol=1e-4)
+    if end_tokens:  # the window does shift earlier: the end positions are never sampled
+        assert not torch.allclose(long[:, window:12], within[:, window:12], atol=1e-3)
     if mid_start_bos:  # the refilled windows do start with the mid-start BOS
         with torch.no_grad():
-            one_bos = _naive_sliding_generate(system, captions, 30, sample_fn, keep=6)
+            one_bos = _naive_sliding_generate(system, captions, 30, sample_fn, keep=keep)
         assert not torch.allclose(long[:, 12:], one_bos[:, 12:], atol=1e-3)
     with pytest.raises(ValueError, match="window_overlap must be in \\(0, 1\\)"):
         system.generate_tokens(captions, 3, window_overlap=1.0)
+    with pytest.raises(ValueError, match="sample.window_end_tokens must be in \\[0, model.max_tokens - 2 = 10\\], got 11"):
+        system.generate_tokens(captions, 3, window_end_tokens=11)
 
 
 def test_window_shifts_are_where_the_sampling_loop_refills_the_cache(sp_model, monkeypatch):
@@ -291,13 +305,18 @@ def test_window_shifts_are_where_the_sampling_loop_refills_the_cache(sp_model, m
 
     monkeypatch.setattr(system.decoder, "prefill", spy)
     with torch.no_grad():
-        for overlap, num_prompt in [(0.5, 0), (0.75, 0), (0.5, 4), (0.9, 11)]:
+        for overlap, num_prompt, end in [(0.5, 0, 0), (0.75, 0, 0), (0.5, 4, 0), (0.9, 11, 0), (0.5, 0, 2), (0.75, 11, 2)]:
             produced.clear(), refills.clear()
             prompt = torch.randn(2, num_prompt, 8) if num_prompt else None
-            produced.extend(system.iter_tokens(CAPTIONS[:2], 30, cfg_scale=1.0, window_overlap=overlap, prompt_tokens=prompt))
+            produced.extend(system.iter_tokens(CAPTIONS[:2], 30, cfg_scale=1.0, window_overlap=overlap, prompt_tokens=prompt,
+                                               window_end_tokens=end))
             assert len(produced) == 30 and refills[0] == 0
-            assert refills[1:] == window_shifts(30, 12, overlap, num_prompt), (overlap, num_prompt)
+            shifts = window_shifts(30, 12, overlap, num_prompt, end)
+            assert refills[1:] == [i for i in shifts if i > 0], (overlap, num_prompt, end)
+            assert (shifts[:1] == [0]) == (num_prompt >= 12 - end)  # a prompt that fills the window: refilled at once
     assert window_shifts(30, 12, 0.5) == [12, 18, 24] and window_shifts(12, 12, 0.5) == []
+    assert window_shifts(30, 12, 0.5, window_end_tokens=2) == [10, 15, 20, 25]  # window 10, keep 5
+    assert window_shifts(12, 12, 0.5, window_end_tokens=2) == []  # fits the context: no window
 
 
 def test_continuation_with_guidance_and_bad_prompts(sp_model):

@@ -180,13 +180,13 @@ def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "needs 75 tokens, beyond the checkpoint's context (model.max_tokens=50, 2 s)" in result.stdout
-    assert "keeps the newest 38 tokens" in result.stdout
+    assert "sliding window of 48 tokens (sample.window_end_tokens=2) that keeps the newest 36" in result.stdout
     import soundfile as sf
 
     wave, rate = sf.read(next((tmp_path / "long").glob("*.wav")))
     assert len(wave) == 3 * rate
     settings = json.loads((tmp_path / "long" / "samples.json").read_text())["settings"]
-    assert settings["window_shift_seconds"] == [2.0, 2.48, 2.96]  # tokens 50, 62, 74 at 25 tokens/s: where to listen
+    assert settings["window_shift_seconds"] == [1.92, 2.4, 2.88]  # tokens 48, 60, 72 at 25 tokens/s: where to listen
 
 
 def test_seam_measure_tells_a_planted_seam_from_its_control():
@@ -209,10 +209,16 @@ def test_seam_cli_measures_the_window_shifts_of_the_demo_checkpoint(demo_run, tm
     out = tmp_path / "seam.json"
     assert seam.main(["--runs", str(root / "runs"), "--seconds", "3", "--captions", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["shifts"] == [50, 62, 74] and len(result["captions"]) == 2  # as make generate's window_shift_seconds
+    assert result["shifts"] == [48, 60, 72] and len(result["captions"]) == 2  # as make generate's window_shift_seconds
+    assert result["window_end_tokens"] == 2  # the demo's sample.window_end_tokens
     assert {"tokens", "tokens_control", "log_mel", "log_mel_control"} <= set(result)
     assert all(result[key]["at_boundary"] > 0 for key in ("tokens", "log_mel"))
     assert "[seam] tokens " in capsys.readouterr().out
+    assert seam.main(["--runs", str(root / "runs"), "--seconds", "3", "--captions", "1", "--end-tokens", "0",
+                      "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["shifts"] == [50, 62, 74]  # the whole context, as before the option
+    with pytest.raises(SystemExit, match="--end-tokens=49 must be in \\[0, model.max_tokens - 2 = 48\\]"):
+        seam.main(["--runs", str(root / "runs"), "--seconds", "3", "--end-tokens", "49", "--out", str(tmp_path / "none.json")])
     with pytest.raises(SystemExit, match="fits the context"):
         seam.main(["--runs", str(root / "runs"), "--seconds", "1", "--out", str(tmp_path / "none.json")])
     assert not (tmp_path / "none.json").exists()
@@ -247,6 +253,36 @@ def test_generate_cli_continues_an_audio_prompt(demo_run, tmp_path):
     )
     assert result.returncode != 0 and "audio prompt: cannot decode audio file" in result.stderr
     assert "broken.wav" in result.stderr and "Traceback" not in result.stderr and not (tmp_path / "never").exists()
+
+
+def test_audio_prompt_is_cut_from_an_encoding_that_sees_past_it(demo_run, tmp_path):
+    """The VAE encodes a clip's last token as a clip end: the prompt's tokens come from an
+    encoding of the file read past them; a file that ends within the prompt loses that last
+    token; one shorter than two tokens is refused, naming the file."""
+    import soundfile as sf
+
+    from datamodules.audio_io import load_audio
+    from experiments.config import config_from_container
+
+    root, run_dir = demo_run
+    system = pipeline.load_audio_lm(run_dir / "checkpoints" / "last.ckpt", torch.device("cpu"))
+    cfg = config_from_container(system.hparams["config"])
+    pretransform = pipeline.load_pretransform_for(cfg).eval()
+    clip = sorted((root / "data" / "synthetic").rglob("*.wav"))[0]  # 2 s
+    prompt = pipeline.encode_audio_prompt(cfg, system, pretransform, clip, 0.4)
+    wave = load_audio(clip, target_sr=pretransform.sample_rate)
+    with torch.no_grad():
+        mean, _, _ = pretransform.encode_moments(torch.from_numpy(wave)[None])
+    whole = (mean - system.latent_mean) / system.latent_std  # (1, 50, D): the clip encoded at once
+    assert prompt.shape == (1, 10, system.token_dim)
+    # the VAE's GroupNorm statistics span its whole input, so a longer read shifts every token a little
+    torch.testing.assert_close(prompt, whole[:, :10], atol=2e-2, rtol=0)
+
+    sf.write(tmp_path / "short.wav", wave[: int(0.4 * pretransform.sample_rate)], pretransform.sample_rate)
+    assert pipeline.encode_audio_prompt(cfg, system, pretransform, tmp_path / "short.wav", 0.4).shape[1] == 9
+    sf.write(tmp_path / "tiny.wav", wave[:1000], pretransform.sample_rate)  # 62 ms: under two 40 ms tokens
+    with pytest.raises(ValueError, match="tiny.wav holds 0.062 s, less than two tokens"):
+        pipeline.encode_audio_prompt(cfg, system, pretransform, tmp_path / "tiny.wav", 0.4)
 
 
 def test_generate_cli_streams_pcm_while_sampling(demo_run, tmp_path):
