@@ -26,6 +26,20 @@ from typing import Any, Iterator
 TMP_MARK = ".tmp-"  # every temporary name holds it: ``.<name>.tmp-<random>``
 
 
+def _current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path, directory: bool = False) -> None:
+    """Give a temporary the mode a plain ``open``/``mkdir`` would have (0666/0777 less the
+    umask): ``mkstemp``/``mkdtemp`` create 0600/0700, which would leave every corpus file,
+    cache shard, checkpoint and wav readable by its owner only."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_current_umask())
+
+
 def _fsync_path(path: Path, directory: bool = False) -> None:
     """Flush ``path`` (a file, or a folder's entries) to disk; a no-op where the OS cannot."""
     try:
@@ -58,6 +72,7 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _plain_mode(tmp)
         if fsync:
             _fsync_path(tmp)
         os.replace(tmp, path)
@@ -112,6 +127,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        _plain_mode(tmp, directory=True)
         for file in tmp.rglob("*"):
             if file.is_file():
                 _fsync_path(file)

@@ -62,6 +62,22 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pat
     assert [p.name for p in folder.iterdir()] == ["config.json"] and leftovers(tmp_path) == []
 
 
+def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700 temporaries; the written file and folder must have the
+    umask's mode like any other (a corpus, cache or checkpoint others on the machine read)."""
+    old_mask = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "manifest.jsonl", "{}")
+        with atomic_directory(tmp_path / "vae") as tmp:
+            (tmp / "config.json").write_text("{}")
+        (tmp_path / "plain.txt").write_text("{}")
+    finally:
+        os.umask(old_mask)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "manifest.jsonl") == mode(tmp_path / "plain.txt") == 0o640
+    assert mode(tmp_path / "vae") == 0o750
+
+
 # ----------------------------------------------------------------------------- safe loading
 
 
