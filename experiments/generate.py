@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default: <run>/generated/<timestamp>)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--sampler", help="reverse diffusion sampler of the head (default: the checkpoint's sample.sampler)")
+    parser.add_argument("--window-overlap", type=float, help="long-form: share of the window kept at a shift (default: the checkpoint's sample.window_overlap)")
+    parser.add_argument("--window-end-tokens", type=int, help="long-form: the context's last positions the window never samples (default: the checkpoint's sample.window_end_tokens)")
     parser.add_argument("--audio-prompt", help="continue this audio file (its opening --prompt-seconds)")
     parser.add_argument("--prompt-seconds", type=float, default=1.0, help="how much of --audio-prompt to continue from (default 1)")
     parser.add_argument("--stream", action="store_true", help="decode audio in chunks while tokens are sampled; report time to first audio")
@@ -72,6 +74,8 @@ def check_settings(args: argparse.Namespace) -> None:
         ("--temperature / TEMPERATURE", args.temperature, lambda v: v > 0, "must be > 0"),
         ("--batch-size", args.batch_size, lambda v: v >= 1, "must be >= 1"),
         ("--prompt-seconds / PROMPT_SECONDS", args.prompt_seconds, lambda v: v > 0, "must be > 0"),
+        ("--window-overlap", args.window_overlap, lambda v: 0 < v < 1, "must be in (0, 1)"),
+        ("--window-end-tokens", args.window_end_tokens, lambda v: v >= 0, "must be >= 0"),
     ]
     for name, value, ok, rule in rules:
         if value is not None and not (math.isfinite(value) and ok(value)):
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         check_length, check_pretransform, encode_audio_prompt, load_audio_lm, load_pretransform_for, num_tokens_for, render_fn,
         stream_fn,
     )
-    from lightning_modules.audio_lm import window_shifts
+    from lightning_modules.audio_lm import window_limit, window_shifts
     from lightning_modules.parts.diffusion_head import check_temperature
     from lightning_modules.callbacks import write_samples
     from lightning_modules.checkpoints import CheckpointError
@@ -170,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         sample.temperature = args.temperature
     if args.sampler is not None:
         sample.sampler = args.sampler
+    if args.window_overlap is not None:
+        sample.window_overlap = args.window_overlap
+    if args.window_end_tokens is not None:
+        sample.window_end_tokens = args.window_end_tokens
     try:  # before the VAE is loaded and anything is sampled
         check_temperature(str(sample.sampler), float(sample.temperature), system.head.ddim_eta)
+        window_limit(system.decoder.max_tokens, system.decoder.max_tokens + 1, int(sample.window_end_tokens))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     pretransform = load_pretransform_for(cfg).to(device).eval()
@@ -213,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if shifts:  # where in each wav the long-form window shifted: listen there for a seam
         tps = pretransform.tokens_per_second
         settings["window_shift_seconds"] = [round((num_prompt + i) / tps, 3) for i in shifts]
+        settings["window_overlap"], settings["window_end_tokens"] = float(sample.window_overlap), int(sample.window_end_tokens)
     if args.stream:
         settings["stream"] = {key: int(sample[f"stream_{key}"]) for key in ("chunk_tokens", "left_tokens", "lookahead_tokens", "crossfade_tokens")}
     pcm = open_pcm(args.pcm)

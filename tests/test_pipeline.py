@@ -187,6 +187,21 @@ def test_generate_cli_on_the_demo_checkpoint(demo_run, tmp_path):
     assert len(wave) == 3 * rate
     settings = json.loads((tmp_path / "long" / "samples.json").read_text())["settings"]
     assert settings["window_shift_seconds"] == [1.92, 2.4, 2.88]  # tokens 48, 60, 72 at 25 tokens/s: where to listen
+    assert settings["window_end_tokens"] == 2 and settings["window_overlap"] == 0.75
+    result = subprocess.run(  # the window set on the command line: the whole context, half kept
+        [sys.executable, "-m", "experiments.generate", "--runs", str(root / "runs"), "--prompt", "white noise",
+         "--seconds", "3", "--steps", "2", "--window-end-tokens", "0", "--window-overlap", "0.5", "--out", str(tmp_path / "whole")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "whole" / "samples.json").read_text())["settings"]["window_shift_seconds"] == [2.0]
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--runs", str(root / "runs"), "--prompt", "white noise",
+         "--seconds", "3", "--window-end-tokens", "49", "--out", str(tmp_path / "never")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "sample.window_end_tokens must be in [0, model.max_tokens - 2 = 48], got 49" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
 
 
 def test_seam_measure_tells_a_planted_seam_from_its_control():
