@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         check_length, check_pretransform, encode_audio_prompt, load_audio_lm, load_pretransform_for, num_tokens_for, render_fn,
         stream_fn,
     )
-    from lightning_modules.audio_lm import window_limit, window_shifts
+    from lightning_modules.audio_lm import check_window_end_tokens, window_shifts
     from lightning_modules.parts.diffusion_head import check_temperature
     from lightning_modules.callbacks import write_samples
     from lightning_modules.checkpoints import CheckpointError
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         sample.window_end_tokens = args.window_end_tokens
     try:  # before the VAE is loaded and anything is sampled
         check_temperature(str(sample.sampler), float(sample.temperature), system.head.ddim_eta)
-        window_limit(system.decoder.max_tokens, system.decoder.max_tokens + 1, int(sample.window_end_tokens))
+        check_window_end_tokens(system.decoder.max_tokens, int(sample.window_end_tokens))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     pretransform = load_pretransform_for(cfg).to(device).eval()

@@ -481,8 +481,7 @@ def encode_audio_prompt(
     wave_t = torch.from_numpy(wave)[None].to(system.device)
     pretransform.to(system.device)
     mean, _, token_mask = pretransform.encode_moments(wave_t)
-    available = int(token_mask[0].sum())
-    tokens = mean[:, : min(count, available - 1)] if available <= count else mean[:, :count]
+    tokens = mean[:, : min(count, int(token_mask[0].sum()) - 1)]  # never the clip's last token
     return ((tokens - system.latent_mean) / system.latent_std).float()
 
 

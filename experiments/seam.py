@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from datamodules.atomic import write_json_atomic
     from experiments.config import config_from_container, last_run_dir
     from experiments.pipeline import _sampling_kwargs, check_pretransform, load_audio_lm, load_pretransform_for, num_tokens_for
-    from lightning_modules.audio_lm import window_shifts
+    from lightning_modules.audio_lm import check_window_end_tokens, window_shifts
     from lightning_modules.checkpoints import CheckpointError
 
     ckpt = Path(args.ckpt) if args.ckpt else last_run_dir(args.runs, args.exp) / "checkpoints" / "last.ckpt"
@@ -93,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_container(system.hparams["config"])
     overlap = float(cfg.sample.window_overlap if args.overlap is None else args.overlap)
     end_tokens = int(cfg.sample.window_end_tokens if args.end_tokens is None else args.end_tokens)
+    limit = system.decoder.max_tokens
+    try:
+        check_window_end_tokens(limit, end_tokens)
+    except ValueError:
+        raise SystemExit(f"error: --end-tokens={end_tokens} must be in [0, model.max_tokens - 2 = {limit - 2}]") from None
     pretransform = load_pretransform_for(cfg).to(device).eval()
     check_pretransform(system, pretransform)
-    limit = system.decoder.max_tokens
     seconds = args.seconds if args.seconds is not None else 3 * limit / pretransform.tokens_per_second
     num_tokens = num_tokens_for(seconds, pretransform)
-    if not 0 <= end_tokens <= limit - 2:
-        raise SystemExit(f"error: --end-tokens={end_tokens} must be in [0, model.max_tokens - 2 = {limit - 2}]")
     shifts = window_shifts(num_tokens, limit, overlap, window_end_tokens=end_tokens)
     if not shifts:
         raise SystemExit(f"error: --seconds={seconds:g} fits the context (model.max_tokens={limit}): no window shift to measure")

@@ -87,6 +87,12 @@ def guidance_scales(cfg_scale: float, schedule: str, num_tokens: int) -> list[fl
     raise ValueError(f"sample.cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
 
 
+def check_window_end_tokens(max_tokens: int, window_end_tokens: int) -> None:
+    """Refuse a ``sample.window_end_tokens`` that leaves a window under two positions."""
+    if not 0 <= window_end_tokens <= max_tokens - 2:
+        raise ValueError(f"sample.window_end_tokens must be in [0, model.max_tokens - 2 = {max_tokens - 2}], got {window_end_tokens}")
+
+
 def window_limit(max_tokens: int, total_tokens: int, window_end_tokens: int) -> int:
     """The positions a generation of ``total_tokens`` (prompt + new) may use: the whole
     context when it fits, else (long-form) the context less its last ``window_end_tokens``
@@ -95,8 +101,7 @@ def window_limit(max_tokens: int, total_tokens: int, window_end_tokens: int) -> 
     AudioCaps, the zero padding of a 10 s clip to the 10.24 s context. A window that shifts
     before reaching them never writes a clip end into the middle of the sequence (the seam).
     """
-    if not 0 <= window_end_tokens <= max_tokens - 2:
-        raise ValueError(f"sample.window_end_tokens must be in [0, model.max_tokens - 2 = {max_tokens - 2}], got {window_end_tokens}")
+    check_window_end_tokens(max_tokens, window_end_tokens)
     return max_tokens if total_tokens <= max_tokens else max_tokens - window_end_tokens
 
 
