@@ -33,7 +33,7 @@ from experiments import ranks
 from datamodules.atomic import remove_stale_temporaries, write_text_atomic
 from experiments.config import ConfigError, last_run_dir, make_run_dir
 from lightning_modules.audio_lm import AudioLMSystem, window_keep, window_limit
-from lightning_modules.callbacks import AudioSamplesCallback, StepProgressBar
+from lightning_modules.callbacks import AudioSamplesCallback, StepProgressBar, TimeBudget
 from lightning_modules.checkpoints import (
     CheckpointError,
     PreemptionCheckpoint,
@@ -45,7 +45,11 @@ from lightning_modules.checkpoints import (
 from lightning_modules.mel_vae import MelVAESystem, spectrogram_picture
 from lightning_modules.parts.pretransform import MelVAEPretransform
 from lightning_modules.parts.streaming import StreamingDecoder
-from lightning_modules.parts.text_conditioning import train_sentencepiece
+from lightning_modules.parts.text_conditioning import SENTENCEPIECE_MODEL_TYPES, train_sentencepiece
+
+
+TIME_BUDGET_MIN_WARMUP = 20  # warmup steps a time budget needs to time the steps in
+TRUNCATED_CAPTIONS_WARNING = 0.01  # share of training captions cut at text.max_len above which training warns
 
 
 def log(stage: str, message: str) -> None:
@@ -618,8 +622,18 @@ def prepare_tokenizer(cfg: DictConfig, cache: LatentCache, run_dir: Path) -> str
     if cfg.text.kind != "scratch":
         return None
     captions = cache_captions(cache, cfg.data.train_split)
-    path = str(train_sentencepiece(captions, str(run_dir / "text" / "spm"), cfg.text.vocab_size))
-    log("text", f"sentencepiece tokenizer trained on {len(captions)} captions")
+    path = str(train_sentencepiece(captions, str(run_dir / "text" / "spm"), cfg.text.vocab_size, cfg.text.tokenizer))
+    import sentencepiece as spm
+
+    lengths = [len(ids) + 1 for ids in spm.SentencePieceProcessor(model_file=path).encode(captions)]  # + eos
+    cut = sum(n > cfg.text.max_len for n in lengths) / len(lengths)
+    log("text", f"sentencepiece tokenizer ({cfg.text.tokenizer}, {spm.SentencePieceProcessor(model_file=path).get_piece_size()} "
+        f"pieces) trained on {len(captions)} captions: {sum(lengths) / len(lengths):.1f} tokens per caption, "
+        f"{cut:.1%} longer than text.max_len={cfg.text.max_len}")
+    if cut > TRUNCATED_CAPTIONS_WARNING:
+        warnings.warn(f"{cut:.1%} of the training captions are cut at text.max_len={cfg.text.max_len} tokens (longest "
+                      f"{max(lengths)}): the model never reads their ends. Raise text.max_len, or try text.tokenizer=bpe "
+                      "(whole-word pieces) on a small corpus.", stacklevel=2)
     return path
 
 
@@ -720,10 +734,17 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
     every rank then trains on its shard of each optimizer step, and only rank zero writes
     logs, checkpoints, samples and ``summary.json``.
     """
+    started = time.time()  # trainer.time_budget_minutes counts from here: corpus, VAE, cache and LM
     check_distributed_settings(cfg)
+    budget_minutes = float(cfg.trainer.time_budget_minutes)
+    if budget_minutes < 0 or (budget_minutes > 0 and int(cfg.optim.warmup_steps) < TIME_BUDGET_MIN_WARMUP):
+        raise ConfigError(f"trainer.time_budget_minutes={budget_minutes:g} needs a value ≥ 0 and, when set, optim.warmup_steps ≥ "
+                          f"{TIME_BUDGET_MIN_WARMUP} (the step count is decided at the warmup's end), got {cfg.optim.warmup_steps}")
     scales = [cfg.sample.cfg_scale, *[s for s in cfg.sample.extra_cfg_scales if s != cfg.sample.cfg_scale]]
     if any(float(scale) < 0 for scale in scales):
         raise ConfigError(f"sample.cfg_scale and sample.extra_cfg_scales must be ≥ 0, got {scales}")
+    if cfg.text.kind == "scratch" and cfg.text.tokenizer not in SENTENCEPIECE_MODEL_TYPES:
+        raise ConfigError(f"text.tokenizer must be one of {SENTENCEPIECE_MODEL_TYPES}, got {cfg.text.tokenizer!r}")
     if not 0 <= cfg.model.window_start_share <= 1:
         raise ConfigError(f"model.window_start_share must be in [0, 1] (a share of training windows), got {cfg.model.window_start_share}")
     if cfg.model.mid_start_bos and cfg.model.window_start_share == 0:
@@ -776,6 +797,9 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
         picture=log_mel_picture_fn(pretransform),
     )
     callbacks: list[L.Callback] = [samples, *extra_callbacks]
+    if budget_minutes > 0:
+        warmup = int(cfg.optim.warmup_steps)
+        callbacks.append(TimeBudget(deadline=started + 60 * budget_minutes, calibrate_steps=warmup, start_step=warmup // 5))
     if cfg.optim.ema_decay > 0:  # EMA first: the samples callback then sees the averaged weights
         callbacks.insert(0, RawKeepingEMA(
             decay=cfg.optim.ema_decay, update_starting_at_step=cfg.optim.ema_start_step, use_buffers=True

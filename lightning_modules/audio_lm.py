@@ -538,12 +538,14 @@ class AudioLMSystem(L.LightningModule):
         # see configure_gradient_clipping). Sharded strategies keep the foreach version.
         sharded = type(self._trainer.strategy).__name__.startswith(("FSDP", "DeepSpeed")) if self._trainer else False
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=not sharded)
-        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
         warmup = int(optim.warmup_steps)
+        trainer = self.trainer
 
         def lr_factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / max(1, warmup)
+            # read at every step: a time budget (callbacks.TimeBudget) may lower it during the warmup
+            total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else 0
             if optim.schedule == "constant" or total <= warmup:
                 return 1.0
             progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -151,6 +151,8 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and trainer.max_steps and 0 < trainer.max_steps != bar.total:
+            bar.total = trainer.max_steps  # lowered by a time budget
         if bar is None or step == bar.n or not self._should_update(step, bar.total):
             return
         bar.n = step
@@ -158,3 +160,68 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # no per-epoch readout (a host sync every epoch) and no per-epoch bar to close
+
+
+class TimeBudget(L.Callback):
+    """End a run by a wall-clock deadline with its learning-rate schedule complete: after
+    ``calibrate_steps`` optimizer steps, lower ``trainer.max_steps`` to the steps that fit.
+
+    The seconds per step are measured between optimizer steps ``start_step`` (the first
+    steps are slow: allocations, caches) and ``calibrate_steps``, in the real loop (EMA,
+    logging and all), and padded by ``overhead`` for what recurs between steps (validation,
+    sample renders, checkpoints). The step count is decided once, inside the warmup, where
+    the schedule does not yet depend on it (``AudioLMSystem.configure_optimizers`` reads
+    ``trainer.max_steps`` at every step), and never raised above the configured one. Global
+    rank zero decides and broadcasts it, so every process stops at the same step. The
+    decision is kept in checkpoints: a resumed run keeps its step count.
+
+    Args:
+        deadline: ``time.time()`` by which training should end.
+        calibrate_steps: the optimizer step at which the count is decided.
+        start_step: the step the timing starts from (< ``calibrate_steps``).
+        overhead: factor on the measured seconds per step.
+    """
+
+    def __init__(self, deadline: float, calibrate_steps: int, start_step: int = 10, overhead: float = 1.15) -> None:
+        if not 0 <= start_step < calibrate_steps:
+            raise ValueError(f"TimeBudget needs 0 <= start_step < calibrate_steps, got {start_step}, {calibrate_steps}")
+        self.deadline, self.calibrate_steps, self.start_step, self.overhead = deadline, calibrate_steps, start_step, overhead
+        self.decided_max_steps: int | None = None
+        self._start: tuple[float, int] | None = None
+
+    def _set_max_steps(self, trainer: L.Trainer, max_steps: int) -> None:
+        trainer.fit_loop.epoch_loop.max_steps = max_steps
+        self.decided_max_steps = max_steps
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.decided_max_steps is not None:  # restored from a checkpoint
+            self._set_max_steps(trainer, self.decided_max_steps)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        import time
+
+        step = trainer.global_step
+        if self.decided_max_steps is not None or step < self.start_step:
+            return
+        if self._start is None:
+            self._start = (time.perf_counter(), step)
+            return
+        if step < self.calibrate_steps:
+            return
+        seconds_per_step = (time.perf_counter() - self._start[0]) / max(1, step - self._start[1])
+        fitting = step + int(max(0.0, self.deadline - time.time()) / (seconds_per_step * self.overhead))
+        decided = max(step + 1, min(int(trainer.max_steps), fitting))
+        decided = int(trainer.strategy.broadcast(decided, src=0))
+        self._set_max_steps(trainer, decided)
+        if trainer.is_global_zero:
+            minutes = (self.deadline - time.time()) / 60
+            print(f"[lm] time budget: {seconds_per_step:.3f} s per step → trainer.max_steps {decided} "
+                  f"({minutes:.1f} min left)", flush=True)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"train/budget_max_steps": decided, "train/budget_step_time_s": seconds_per_step}, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decided_max_steps": self.decided_max_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.decided_max_steps = state_dict.get("decided_max_steps")

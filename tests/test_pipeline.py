@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from datamodules.latent_cache import CacheMismatchError, LatentCacheWriter
 from experiments import pipeline
-from experiments.config import load_config
+from experiments.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -448,3 +449,31 @@ def test_bench_paper_config_generation_only_with_random_pretrained_folders(tmp_p
     assert row["tokens"] == 10 and row["vocoder_s"] > 0 and row["sampler"] == "ddpm" and row["steps"] == 2
     report.unlink()
     assert bench.main(argv) == 0 and sizes == ["full"]  # the folders are reused, not written again
+
+
+def test_time_budget_ends_the_run_by_its_deadline_with_the_schedule_complete(demo_run):
+    """trainer.time_budget_minutes times the warmup's steps and lowers max_steps to what fits:
+    the run stops near the deadline (not at the configured 100000 steps), its LR has annealed
+    to min_lr, and the decision travels in the checkpoint."""
+    root, _ = demo_run  # corpus, VAE and cache exist: the budget goes to the LM
+    budget_s = 20.0
+    cfg = load_config("demo", [*tiny_overrides(root), "trainer.max_steps=100000", f"trainer.time_budget_minutes={budget_s / 60}",
+                               "optim.warmup_steps=20", "trainer.val_every_steps=1000000", "trainer.ckpt_every_steps=1000000",
+                               "sample.every_steps=0"])
+    start = time.time()
+    run_dir = pipeline.run_task(cfg)
+    elapsed = time.time() - start
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    steps = state["global_step"]
+    assert 20 < steps < 100000
+    assert budget_s * 0.6 < elapsed < budget_s * 1.5, elapsed  # the final sample render and checkpoint come after the last step
+    decided = [v for k, v in state["callbacks"].items() if "TimeBudget" in k]
+    assert decided == [{"decided_max_steps": steps}]
+    lr = state["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio, rel=0.05)
+
+
+def test_time_budget_needs_a_warmup_to_time(tmp_path):
+    cfg = load_config("demo", [*tiny_overrides(tmp_path), "trainer.time_budget_minutes=1", "optim.warmup_steps=5"])
+    with pytest.raises(ConfigError, match="optim.warmup_steps"):
+        pipeline.run_task(cfg)

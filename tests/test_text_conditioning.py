@@ -2,6 +2,7 @@
 the frozen T5 + CLAP loader, exercised on tiny random models saved to tmp dirs."""
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -156,3 +157,28 @@ def test_precomputed_frozen_text_equals_running_the_encoders(pretrained_dirs, tm
     other = PretrainedT5ClapConditioner(t5_dir, clap_dir, out_dim=24, t5_max_len=20)
     with pytest.raises(ValueError, match="other encoders"):
         other.use_precomputed(path)
+
+
+def test_bpe_keeps_the_demo_corpus_words_whole(tmp_path):
+    """On the synthetic corpus' few words, sentencepiece's unigram trainer stops at a near-
+    character vocabulary; text.tokenizer=bpe keeps every word one piece (and so the caption
+    within text.max_len), while an unseen word still tokenizes (characters, no unk)."""
+    import numpy as np
+    import sentencepiece as spm
+
+    from datamodules.synthetic import make_captions, sample_labels
+
+    rng = np.random.default_rng(0)
+    captions = [c for _ in range(600) for c in make_captions(sample_labels("train", 0.25, rng), 3, rng)]
+    lengths = {}
+    for kind in ("unigram", "bpe"):
+        sp = spm.SentencePieceProcessor(model_file=train_sentencepiece(captions, str(tmp_path / kind), 1000, kind))
+        lengths[kind] = np.mean([len(ids) for ids in sp.encode(captions)])
+        if kind == "bpe":
+            for caption in captions[:200]:  # one piece per word and per punctuation mark
+                assert len(sp.encode(caption)) == len(re.findall(r"\w+|[,-]", caption)), caption
+            assert sp.unk_id() not in sp.encode("a wobbly thud")
+    words_per_caption = np.mean([len(c.split()) for c in captions])
+    assert lengths["bpe"] < 1.2 * words_per_caption < lengths["unigram"]
+    with pytest.raises(ValueError, match="text.tokenizer"):
+        train_sentencepiece(captions, str(tmp_path / "typo"), 1000, "bpee")
