@@ -197,6 +197,37 @@ class LatentCacheWriter:
         self._finished_ids.update(ids)
         self._buffer = []
 
+    def refresh_metadata(self, metadata: dict[str, tuple[Sequence[str], Any]]) -> int:
+        """Bring the captions and labels stored with finished clips up to date with their
+        manifest, without encoding again: a manifest whose captions were edited (or a corpus
+        regenerated with other captions) leaves the latents valid and the text stale.
+
+        Args:
+            metadata: clip id -> (captions, labels) as the manifest has them now; clips
+                absent from it are left as they are.
+
+        Returns:
+            The number of clips whose captions or labels changed (their shards rewritten atomically).
+        """
+        changed = 0
+        for shard in self.index["shards"]:
+            if not any(clip_id in metadata for clip_id in shard["ids"]):
+                continue
+            path = self.cache_dir / shard["file"]
+            data = torch.load(path, weights_only=True)
+            dirty = 0
+            for i, clip_id in enumerate(data["id"]):
+                if clip_id not in metadata:
+                    continue
+                captions, labels = [str(c) for c in metadata[clip_id][0]], _json_roundtrip(metadata[clip_id][1])
+                if data["captions"][i] != captions or data["labels"][i] != labels:
+                    data["captions"][i], data["labels"][i] = captions, labels
+                    dirty += 1
+            if dirty:
+                torch_save_atomic(path, data)
+                changed += dirty
+        return changed
+
     def finalize(self) -> dict:
         """Flush, compute ``stats.json`` from the ``stats_split`` clips, mark the cache complete.
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.audio_datamodule import AudioCapsDataModule
 from datamodules.latent_cache import LatentCache, LatentCacheWriter, LatentDataModule
-from datamodules.manifest import ManifestSource, parse_manifest_sources
+from datamodules.manifest import ManifestSource, parse_manifest_sources, read_manifest
 from datamodules.synthetic import generate_corpus
 from experiments import ranks
 from datamodules.atomic import remove_stale_temporaries, write_text_atomic
@@ -398,7 +398,13 @@ def ensure_latent_cache(cfg: DictConfig, pretransform: MelVAEPretransform, sourc
         stats_split=cfg.data.train_split,
     )
     if writer.index.get("complete"):
-        log("cache", f"latent cache complete at {cache_dir}")
+        # the fingerprint covers what the latents depend on, not the text: captions edited since come from the manifest
+        splits = set(cfg.cache.splits)
+        metadata = {entry.id: (entry.captions, entry.labels) for source in sources
+                    for entry in read_manifest(source.path) if entry.split in splits}
+        refreshed = writer.refresh_metadata(metadata)
+        log("cache", f"latent cache complete at {cache_dir}"
+            + (f"; captions or labels of {refreshed} clips updated from the manifest" if refreshed else ""))
         return cache_dir
     start = time.perf_counter()
     datamodule = audio_datamodule(cfg, sources, batch_size=cfg.cache.batch_size)

@@ -1,6 +1,7 @@
 """The whole pipeline on the real `demo` config shrunk to seconds: corpus → VAE → cache → LM
 → samples; `make generate` on its checkpoint; cache resume and refusal; exact resume."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -347,6 +348,33 @@ def test_cache_is_reused_and_a_stale_one_is_refused(demo_run):
     stale = dict(fingerprint, pretransform="another-vae")
     with pytest.raises(CacheMismatchError, match="pretransform"):
         LatentCacheWriter(cache_dir, fingerprint=stale, dtype=cfg.cache.dtype)
+
+
+def test_cache_takes_captions_edited_in_the_manifest_without_encoding_again(demo_run, tmp_path, capsys):
+    """The cache fingerprint covers what the latents depend on; captions edited in the
+    manifest afterwards reach the cache (and so training) instead of staying stale."""
+    from datamodules.latent_cache import LatentCache
+    from datamodules.manifest import read_manifest, write_manifest
+
+    root, _ = demo_run
+    cfg = load_config("demo", [*tiny_overrides(root), f"run.data_root={tmp_path}",
+                               f"vae.dir={root}/runs/vae_demo/last/pretransform"])
+    sources = pipeline.manifest_sources(cfg)
+    pretransform = pipeline.load_pretransform_for(cfg)
+    cache_dir = pipeline.ensure_latent_cache(cfg, pretransform, sources)
+    shards = {p: p.stat().st_mtime_ns for p in cache_dir.glob("shard_*.pt")}
+    entries = read_manifest(sources[0].path)
+    index, edited = next((i, e) for i, e in enumerate(entries) if e.split == "train")
+    entries[index] = edited = dataclasses.replace(edited, captions=["a brand new caption", "and another one"])
+    write_manifest(sources[0].path, entries)
+    capsys.readouterr()
+    assert pipeline.ensure_latent_cache(cfg, pretransform, sources) == cache_dir
+    assert "captions or labels of 1 clips updated" in capsys.readouterr().out
+    record = next(r for r in LatentCache(cache_dir).records("train") if r["id"] == edited.id)
+    assert record["captions"] == ["a brand new caption", "and another one"]
+    assert sum(p.stat().st_mtime_ns != t for p, t in shards.items()) == 1  # one shard rewritten, nothing encoded
+    pipeline.ensure_latent_cache(cfg, pretransform, sources)
+    assert "updated" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
