@@ -47,6 +47,15 @@ def describe(cfg) -> str:
     return f"MNTP ratio={m.ratio.kind} mode={m.mode} skipped={m.predict_skipped} target_emb={m.target_embedding}"
 
 
+def budget_text(cfg) -> str:
+    """The shared training budget in words: a wall-clock budget (the steps it allowed are in
+    the table) or a fixed step count."""
+    minutes = float(cfg.trainer.time_budget_minutes)
+    if minutes > 0:
+        return f"time_budget_minutes={minutes:g} per run (at most max_steps={cfg.trainer.max_steps})"
+    return f"max_steps={cfg.trainer.max_steps}"
+
+
 def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample standard deviation; 0 for one value) of finite ``values``."""
     values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -67,6 +76,7 @@ def run_one(cfg, with_eval: bool) -> dict[str, Any]:
     row: dict[str, Any] = {
         "experiment": cfg.experiment, "seed": int(cfg.seed), "run": str(run_dir),
         "val_loss": summary["final_metrics"].get("val/loss"), "lm_seconds": summary["timings_s"]["lm"],
+        "steps": summary.get("steps"),
     }
     if with_eval:
         from experiments.evaluate import evaluate
@@ -81,7 +91,7 @@ def run_one(cfg, with_eval: bool) -> dict[str, Any]:
 
 def summarise(rows: list[dict[str, Any]], variants: dict[str, str], with_eval: bool) -> list[dict[str, Any]]:
     """One entry per experiment: ``{"experiment", "variant", "seeds", <metric>: (mean, spread)}``."""
-    metrics = ["val_loss", "lm_seconds"] + ([f"{s} {k}" for s in EVAL_SPLITS for k, _ in EVAL_METRICS] if with_eval else [])
+    metrics = ["val_loss", "lm_seconds", "steps"] + ([f"{s} {k}" for s in EVAL_SPLITS for k, _ in EVAL_METRICS] if with_eval else [])
     table = []
     for experiment, variant in variants.items():
         runs = [r for r in rows if r["experiment"] == experiment]
@@ -93,7 +103,7 @@ def summarise(rows: list[dict[str, Any]], variants: dict[str, str], with_eval: b
 
 
 def format_table(summary: list[dict[str, Any]], header: str, with_eval: bool) -> str:
-    columns = [("val_loss", "val loss", 4), ("lm_seconds", "LM s", 0)]
+    columns = [("val_loss", "val loss", 4), ("lm_seconds", "LM s", 0), ("steps", "steps", 0)]
     if with_eval:
         for split in EVAL_SPLITS:
             for key, label in EVAL_METRICS:
@@ -141,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    budgets = {(c.trainer.max_steps, c.trainer.batch_size, c.trainer.accumulate_grad_batches) for c in configs.values()}
+    budgets = {(c.trainer.max_steps, c.trainer.time_budget_minutes, c.trainer.batch_size, c.trainer.accumulate_grad_batches)
+               for c in configs.values()}
     if len(budgets) != 1:
-        print(f"error: the experiments differ in (max_steps, batch_size, accumulate_grad_batches): {budgets}", file=sys.stderr)
+        print("error: the experiments differ in (max_steps, time_budget_minutes, batch_size, accumulate_grad_batches): "
+              f"{budgets}", file=sys.stderr)
         return 2
     first = next(iter(configs.values()))
     if args.eval:
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {name: describe(configs[(name, args.seeds[0])]) for name in args.experiments}
     summary = summarise(rows, variants, args.eval)
     header = (f"# NTP vs MNTP ablation ({dt.datetime.now():%Y-%m-%d %H:%M})\n\n"
-              f"Same budget for all: max_steps={first.trainer.max_steps}, batch_size={first.trainer.batch_size}; "
+              f"Same budget for all: {budget_text(first)}, batch_size={first.trainer.batch_size}; "
               f"seeds {args.seeds}; mean ± sample std over seeds. val loss: diffusion loss on next-token targets of the "
               f"val split (captions kept, fixed noise)."
               + (f" Eval: model row of `make eval` (test, test_novel), all-attributes accuracy by the learned evaluator "

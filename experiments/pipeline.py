@@ -826,7 +826,7 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
         return run_dir
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = {"timings_s": timings, "final_metrics": metrics, "samples": str(run_dir / "samples"),
-               "world_size": trainer.world_size}
+               "world_size": trainer.world_size, "steps": int(trainer.global_step)}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     log_final_hparams(trainer, cfg, metrics, timings)
     log("lm", "stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))

@@ -132,6 +132,20 @@ def window_shifts(num_tokens: int, max_tokens: int, window_overlap: float, num_p
     return shifts
 
 
+def cosine_progress(step: int, warmup: int, total: int, anchor: tuple[int, float] | None = None) -> float:
+    """Progress in [0, 1] through the cosine part of the LR schedule at optimizer ``step``.
+
+    Without ``anchor``: ``(step - warmup) / (total - warmup)``. With ``anchor = (s, p_s)``
+    (``total`` was changed at step ``s``, where the progress was ``p_s``): from ``s`` on, the
+    rest of the schedule is spread over the steps left, ``p_s + (1 - p_s)(step - s)/(total - s)``,
+    so the learning rate stays continuous and still anneals fully at ``total``.
+    """
+    if anchor is not None and step >= anchor[0]:
+        start, done = anchor
+        return min(1.0, done + (1.0 - done) * (step - start) / max(1, total - start))
+    return min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+
+
 def build_decoder(cfg: DictConfig, max_prefix_len: int) -> CausalDecoder:
     """The causal decoder an experiment config describes (``model.*``, ``mntp.target_embedding``)."""
     model = cfg.model
@@ -212,6 +226,9 @@ class AudioLMSystem(L.LightningModule):
         # kept with the model so generated tokens can be mapped back for the VAE decoder.
         self.register_buffer("latent_mean", torch.zeros(self.token_dim))
         self.register_buffer("latent_std", torch.ones(self.token_dim))
+        # (step, progress) where a time budget changed trainer.max_steps after the warmup
+        # (callbacks.TimeBudget sets it and keeps it in its checkpoint state); see cosine_progress
+        self.schedule_anchor: tuple[int, float] | None = None
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Store the (token_dim,) mean and std the training tokens were normalised with."""
@@ -544,11 +561,11 @@ class AudioLMSystem(L.LightningModule):
         def lr_factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / max(1, warmup)
-            # read at every step: a time budget (callbacks.TimeBudget) may lower it during the warmup
+            # read at every step: a time budget (callbacks.TimeBudget) may change it, with an anchor
             total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else 0
             if optim.schedule == "constant" or total <= warmup:
                 return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            progress = cosine_progress(step, warmup, total, self.schedule_anchor)
             return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)

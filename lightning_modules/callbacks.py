@@ -152,7 +152,7 @@ class StepProgressBar(TQDMProgressBar):
                            batch_idx: int) -> None:
         bar, step = self.train_progress_bar, trainer.global_step
         if bar is not None and trainer.max_steps and 0 < trainer.max_steps != bar.total:
-            bar.total = trainer.max_steps  # lowered by a time budget
+            bar.total = trainer.max_steps  # set by a time budget
         if bar is None or step == bar.n or not self._should_update(step, bar.total):
             return
         bar.n = step
@@ -164,64 +164,109 @@ class StepProgressBar(TQDMProgressBar):
 
 class TimeBudget(L.Callback):
     """End a run by a wall-clock deadline with its learning-rate schedule complete: after
-    ``calibrate_steps`` optimizer steps, lower ``trainer.max_steps`` to the steps that fit.
+    ``calibrate_steps`` optimizer steps, set ``trainer.max_steps`` to the steps that fit, and
+    correct it once, ``refine_at`` of the way through the run.
 
-    The seconds per step are measured between optimizer steps ``start_step`` (the first
-    steps are slow: allocations, caches) and ``calibrate_steps``, in the real loop (EMA,
-    logging and all), and padded by ``overhead`` for what recurs between steps (validation,
-    sample renders, checkpoints). The step count is decided once, inside the warmup, where
-    the schedule does not yet depend on it (``AudioLMSystem.configure_optimizers`` reads
-    ``trainer.max_steps`` at every step), and never raised above the configured one. Global
-    rank zero decides and broadcasts it, so every process stops at the same step. The
-    decision is kept in checkpoints: a resumed run keeps its step count.
+    The seconds per step are measured from optimizer step ``start_step`` on (the first steps
+    are slow: allocations, caches), in the real loop (EMA, logging and all). The first
+    decision comes inside the warmup, where the schedule does not yet depend on the step
+    count (``AudioLMSystem.configure_optimizers`` reads ``trainer.max_steps`` at every step);
+    it pads the rate by ``overhead`` for what recurs between steps and has not happened yet
+    (validation, sample renders, checkpoints). The correction, at ``refine_at`` of the
+    decided steps, times everything since ``start_step``, recurring work included, so it
+    pads only by ``refine_overhead``; it anchors the schedule there
+    (``AudioLMSystem.schedule_anchor``, see ``audio_lm.cosine_progress``), so the learning
+    rate stays continuous and still anneals to its end. The count never exceeds the
+    configured ``max_steps``. Global rank zero decides and broadcasts, so every process
+    stops at the same step. Decisions and the anchor are kept in checkpoints: a resumed run
+    keeps them.
 
     Args:
         deadline: ``time.time()`` by which training should end.
-        calibrate_steps: the optimizer step at which the count is decided.
+        calibrate_steps: the optimizer step at which the count is first decided: the LR
+            warmup's length (where the cosine part of the schedule starts).
         start_step: the step the timing starts from (< ``calibrate_steps``).
-        overhead: factor on the measured seconds per step.
+        overhead: factor on the seconds per step at the first decision.
+        refine_at: where the correction comes, as a share of the first decision's steps
+            after ``calibrate_steps`` (0: no correction).
+        refine_overhead: factor on the seconds per step at the correction.
     """
 
-    def __init__(self, deadline: float, calibrate_steps: int, start_step: int = 10, overhead: float = 1.15) -> None:
+    def __init__(self, deadline: float, calibrate_steps: int, start_step: int = 10, overhead: float = 1.15,
+                 refine_at: float = 0.5, refine_overhead: float = 1.03) -> None:
         if not 0 <= start_step < calibrate_steps:
             raise ValueError(f"TimeBudget needs 0 <= start_step < calibrate_steps, got {start_step}, {calibrate_steps}")
+        if not 0.0 <= refine_at < 1.0:
+            raise ValueError(f"TimeBudget needs 0 <= refine_at < 1, got {refine_at}")
         self.deadline, self.calibrate_steps, self.start_step, self.overhead = deadline, calibrate_steps, start_step, overhead
+        self.refine_at, self.refine_overhead = refine_at, refine_overhead
         self.decided_max_steps: int | None = None
+        self.configured_max_steps: int | None = None
+        self.refine_step: int | None = None  # the step of the correction; None once it is done (or off)
+        self.anchor: tuple[int, float] | None = None
         self._start: tuple[float, int] | None = None
 
-    def _set_max_steps(self, trainer: L.Trainer, max_steps: int) -> None:
-        trainer.fit_loop.epoch_loop.max_steps = max_steps
-        self.decided_max_steps = max_steps
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop.epoch_loop.max_steps = self.decided_max_steps
+        pl_module.schedule_anchor = self.anchor
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.decided_max_steps is not None:  # restored from a checkpoint
-            self._set_max_steps(trainer, self.decided_max_steps)
+            self._apply(trainer, pl_module)
+
+    def _fitting_steps(self, trainer: L.Trainer, step: int, overhead: float) -> tuple[int, float]:
+        """(steps that fit by the deadline at the rate measured since ``_start``, that rate);
+        at least one more step, at most the configured ones; rank zero's answer on every rank."""
+        import time
+
+        seconds_per_step = (time.perf_counter() - self._start[0]) / max(1, step - self._start[1])
+        fitting = step + int(max(0.0, self.deadline - time.time()) / (seconds_per_step * overhead))
+        decided = max(step + 1, min(self.configured_max_steps, fitting))
+        return int(trainer.strategy.broadcast(decided, src=0)), seconds_per_step
+
+    def _report(self, trainer: L.Trainer, what: str, seconds_per_step: float, step: int) -> None:
+        import time
+
+        if trainer.is_global_zero:
+            minutes = (self.deadline - time.time()) / 60
+            print(f"[lm] time budget ({what}): {seconds_per_step:.3f} s per step → trainer.max_steps "
+                  f"{self.decided_max_steps} ({minutes:.1f} min left)", flush=True)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"train/budget_max_steps": self.decided_max_steps,
+                                        "train/budget_step_time_s": seconds_per_step}, step=step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         import time
 
         step = trainer.global_step
-        if self.decided_max_steps is not None or step < self.start_step:
+        if step < self.start_step or (self.decided_max_steps is not None and self.refine_step is None):
             return
         if self._start is None:
             self._start = (time.perf_counter(), step)
             return
-        if step < self.calibrate_steps:
-            return
-        seconds_per_step = (time.perf_counter() - self._start[0]) / max(1, step - self._start[1])
-        fitting = step + int(max(0.0, self.deadline - time.time()) / (seconds_per_step * self.overhead))
-        decided = max(step + 1, min(int(trainer.max_steps), fitting))
-        decided = int(trainer.strategy.broadcast(decided, src=0))
-        self._set_max_steps(trainer, decided)
-        if trainer.is_global_zero:
-            minutes = (self.deadline - time.time()) / 60
-            print(f"[lm] time budget: {seconds_per_step:.3f} s per step → trainer.max_steps {decided} "
-                  f"({minutes:.1f} min left)", flush=True)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"train/budget_max_steps": decided, "train/budget_step_time_s": seconds_per_step}, step=step)
+        if self.decided_max_steps is None and step >= self.calibrate_steps:
+            self.configured_max_steps = int(trainer.max_steps)
+            self.decided_max_steps, seconds_per_step = self._fitting_steps(trainer, step, self.overhead)
+            later = int(self.refine_at * (self.decided_max_steps - step))
+            self.refine_step = step + later if self.refine_at > 0 and later > 0 else None
+            self._apply(trainer, pl_module)
+            self._report(trainer, "first decision", seconds_per_step, step)
+        elif self.refine_step is not None and step >= self.refine_step:
+            from lightning_modules.audio_lm import cosine_progress
+
+            progress = cosine_progress(step, self.calibrate_steps, self.decided_max_steps, self.anchor)
+            self.decided_max_steps, seconds_per_step = self._fitting_steps(trainer, step, self.refine_overhead)
+            self.anchor, self.refine_step = (step, progress), None
+            self._apply(trainer, pl_module)
+            self._report(trainer, "corrected", seconds_per_step, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decided_max_steps": self.decided_max_steps}
+        return {"decided_max_steps": self.decided_max_steps, "configured_max_steps": self.configured_max_steps,
+                "refine_step": self.refine_step, "anchor": list(self.anchor) if self.anchor else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.decided_max_steps = state_dict.get("decided_max_steps")
+        self.configured_max_steps = state_dict.get("configured_max_steps")
+        self.refine_step = state_dict.get("refine_step")  # checkpoints from before the correction: None, no correction
+        anchor = state_dict.get("anchor")
+        self.anchor = (int(anchor[0]), float(anchor[1])) if anchor else None

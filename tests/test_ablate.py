@@ -20,13 +20,14 @@ def test_mean_and_spread_is_the_sample_standard_deviation():
 
 def test_the_table_says_when_the_comparison_is_not_equal_time():
     def entry(name, seconds):
-        return {"experiment": name, "variant": name, "seeds": [0, 1], "val_loss": (0.1, 0.01), "lm_seconds": (seconds, 1.0)}
+        return {"experiment": name, "variant": name, "seeds": [0, 1], "val_loss": (0.1, 0.01), "lm_seconds": (seconds, 1.0),
+                "steps": (3000.0, 10.0)}
 
     equal = ablate.format_table([entry("a", 100.0), entry("b", 105.0)], "# t", with_eval=False)
     unequal = ablate.format_table([entry("a", 100.0), entry("b", 130.0)], "# t", with_eval=False)
     assert "max/min − 1 = 5.0%" in equal and "not an equal-time" not in equal
     assert "max/min − 1 = 30.0%" in unequal and "not an equal-time" in unequal
-    assert "| a | a | 0,1 | 0.1000 ± 0.0100 | 100 ± 1 |" in equal
+    assert "| a | a | 0,1 | 0.1000 ± 0.0100 | 100 ± 1 | 3000 ± 10 |" in equal
 
 
 def test_bad_arguments_fail_before_any_training(tmp_path, capsys):
@@ -49,6 +50,7 @@ def test_ablate_runs_every_experiment_per_seed_and_scores_both_judges(tmp_path, 
     report = sorted((tmp_path / "runs" / "ablate").glob("*.json"))
     assert len(report) == 1
     data = json.loads(report[0].read_text())
+    max_steps = int(next(o for o in common if o.startswith("trainer.max_steps=")).split("=")[1])
     runs = {(r["experiment"], r["seed"]): r for r in data["runs"]}
     assert set(runs) == {("demo_ntp", 0), ("demo_ntp", 1), ("demo", 0), ("demo", 1)}
     assert len({r["run"] for r in data["runs"]}) == 4
@@ -58,6 +60,7 @@ def test_ablate_runs_every_experiment_per_seed_and_scores_both_judges(tmp_path, 
         for split in ("test", "test_novel"):
             for key in ("acc/all", "phys/all", "fd", "kl"):
                 assert run[f"{split} {key}"] is not None and math.isfinite(run[f"{split} {key}"])
+        assert run["steps"] == max_steps  # the steps each run took reach the table
     for entry in data["summary"]:
         values = [runs[(entry["experiment"], s)]["val_loss"] for s in (0, 1)]
         assert entry["val_loss"][0] == pytest.approx(sum(values) / 2)

@@ -480,9 +480,9 @@ def test_bench_paper_config_generation_only_with_random_pretrained_folders(tmp_p
 
 
 def test_time_budget_ends_the_run_by_its_deadline_with_the_schedule_complete(demo_run):
-    """trainer.time_budget_minutes times the warmup's steps and lowers max_steps to what fits:
-    the run stops near the deadline (not at the configured 100000 steps), its LR has annealed
-    to min_lr, and the decision travels in the checkpoint."""
+    """trainer.time_budget_minutes times the warmup's steps and sets max_steps to what fits,
+    then corrects it half-way: the run stops near the deadline (not at the configured 100000
+    steps), its LR has annealed to min_lr, and the decisions travel in the checkpoint."""
     root, _ = demo_run  # corpus, VAE and cache exist: the budget goes to the LM
     budget_s = 20.0
     cfg = load_config("demo", [*tiny_overrides(root), "trainer.max_steps=100000", f"trainer.time_budget_minutes={budget_s / 60}",
@@ -495,10 +495,44 @@ def test_time_budget_ends_the_run_by_its_deadline_with_the_schedule_complete(dem
     steps = state["global_step"]
     assert 20 < steps < 100000
     assert budget_s * 0.6 < elapsed < budget_s * 1.5, elapsed  # the final sample render and checkpoint come after the last step
-    decided = [v for k, v in state["callbacks"].items() if "TimeBudget" in k]
-    assert decided == [{"decided_max_steps": steps}]
+    (budget,) = [v for k, v in state["callbacks"].items() if "TimeBudget" in k]
+    assert budget["decided_max_steps"] == steps
+    # corrected once, half-way, with the schedule anchored there
+    assert budget["refine_step"] is None and budget["anchor"] is not None and 20 < budget["anchor"][0] < steps
+    assert 0.0 < budget["anchor"][1] < 1.0
     lr = state["optimizer_states"][0]["param_groups"][0]["lr"]
     assert lr == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio, rel=0.05)
+
+
+def test_cosine_progress_stays_continuous_where_a_time_budget_changes_the_step_count():
+    from lightning_modules.audio_lm import cosine_progress
+
+    warmup, old_total, anchor_step = 100, 1000, 550
+    before = cosine_progress(anchor_step, warmup, old_total)
+    assert before == pytest.approx(0.5)
+    for new_total in (800, 1300):  # fewer or more steps than first decided
+        anchor = (anchor_step, before)
+        assert cosine_progress(anchor_step, warmup, new_total, anchor) == pytest.approx(before)
+        assert cosine_progress(anchor_step + 1, warmup, new_total, anchor) - before == pytest.approx(0.5 / (new_total - anchor_step))
+        assert cosine_progress(new_total, warmup, new_total, anchor) == 1.0
+
+
+def test_time_budget_decisions_and_anchor_survive_a_checkpoint():
+    from types import SimpleNamespace
+
+    from lightning_modules.callbacks import TimeBudget
+
+    saved = TimeBudget(deadline=0.0, calibrate_steps=20)
+    saved.decided_max_steps, saved.configured_max_steps, saved.refine_step, saved.anchor = 900, 5000, None, (455, 0.5)
+    restored = TimeBudget(deadline=0.0, calibrate_steps=20)
+    restored.load_state_dict(saved.state_dict())
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=5000)))
+    module = SimpleNamespace(schedule_anchor=None)
+    restored.on_train_start(trainer, module)
+    assert trainer.fit_loop.epoch_loop.max_steps == 900 and module.schedule_anchor == (455, 0.5)
+    assert restored.refine_step is None
+    with pytest.raises(ValueError, match="refine_at"):
+        TimeBudget(deadline=0.0, calibrate_steps=20, refine_at=1.0)
 
 
 def test_time_budget_needs_a_warmup_to_time(tmp_path):
