@@ -193,7 +193,7 @@ class TimeBudget(L.Callback):
     """
 
     def __init__(self, deadline: float, calibrate_steps: int, start_step: int = 10, overhead: float = 1.15,
-                 refine_at: float = 0.5, refine_overhead: float = 1.03) -> None:
+                 refine_at: float = 0.5, refine_overhead: float = 1.05) -> None:
         if not 0 <= start_step < calibrate_steps:
             raise ValueError(f"TimeBudget needs 0 <= start_step < calibrate_steps, got {start_step}, {calibrate_steps}")
         if not 0.0 <= refine_at < 1.0:
