@@ -3,6 +3,7 @@ bar (checkpoint safety lives in :mod:`lightning_modules.checkpoints`)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -217,16 +218,12 @@ class TimeBudget(L.Callback):
     def _fitting_steps(self, trainer: L.Trainer, step: int, overhead: float) -> tuple[int, float]:
         """(steps that fit by the deadline at the rate measured since ``_start``, that rate);
         at least one more step, at most the configured ones; rank zero's answer on every rank."""
-        import time
-
         seconds_per_step = (time.perf_counter() - self._start[0]) / max(1, step - self._start[1])
         fitting = step + int(max(0.0, self.deadline - time.time()) / (seconds_per_step * overhead))
         decided = max(step + 1, min(self.configured_max_steps, fitting))
         return int(trainer.strategy.broadcast(decided, src=0)), seconds_per_step
 
     def _report(self, trainer: L.Trainer, what: str, seconds_per_step: float, step: int) -> None:
-        import time
-
         if trainer.is_global_zero:
             minutes = (self.deadline - time.time()) / 60
             print(f"[lm] time budget ({what}): {seconds_per_step:.3f} s per step → trainer.max_steps "
@@ -236,8 +233,6 @@ class TimeBudget(L.Callback):
                                         "train/budget_step_time_s": seconds_per_step}, step=step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        import time
-
         step = trainer.global_step
         if step < self.start_step or (self.decided_max_steps is not None and self.refine_step is None):
             return
