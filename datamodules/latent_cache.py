@@ -365,15 +365,20 @@ class LatentDataset(Dataset):
             tokens after the crop's start (n: the crop's length; the rest is padding) — what a
             long-form window refill shows the decoder: position 0 in the middle of a sound.
             0: every window starts at the crop's start (and nothing extra is drawn).
+        word_dropout: train only: each word of the drawn caption is left out with this
+            probability (at least one word stays; :func:`drop_words`). 0: captions as written
+            (and nothing extra is drawn).
 
     Item: ``tokens (N, D)`` float32 normalised, ``token_mask (N,)`` bool, ``caption`` str,
     ``id`` str, ``labels``, ``mid_start`` bool (the window begins late, ``window_start_share``).
     """
 
     def __init__(self, cache: LatentCache, split: str, sample_posterior: bool = True, seed: int = 0, max_tokens: int | None = None,
-                 train: bool | None = None, window_start_share: float = 0.0) -> None:
+                 train: bool | None = None, window_start_share: float = 0.0, word_dropout: float = 0.0) -> None:
         if not 0.0 <= window_start_share <= 1.0:
             raise ValueError(f"window_start_share must be in [0, 1], got {window_start_share}")
+        if not 0.0 <= word_dropout < 1.0:
+            raise ValueError(f"word_dropout must be in [0, 1), got {word_dropout}")
         self.cache = cache
         self.split = split
         # grouped by manifest (stable): a weighted sampler's clip k of source s is then
@@ -386,6 +391,7 @@ class LatentDataset(Dataset):
         self.max_tokens = max_tokens
         self.train = split == "train" if train is None else train
         self.window_start_share = window_start_share
+        self.word_dropout = word_dropout
 
     def __len__(self) -> int:
         return len(self.records)
@@ -423,8 +429,24 @@ class LatentDataset(Dataset):
             token_mask = torch.cat([token_mask, token_mask.new_zeros(pad)])
         captions = record["captions"]
         caption = captions[int(torch.randint(0, len(captions), (1,), generator=rng))] if self.train else captions[0]
+        if self.train and self.word_dropout > 0:
+            caption = drop_words(caption, self.word_dropout, rng)
         return dict(tokens=tokens, token_mask=token_mask, caption=caption, id=record["id"], labels=record["labels"],
                     mid_start=mid_start)
+
+
+def drop_words(caption: str, probability: float, generator: torch.Generator) -> str:
+    """``caption`` with each whitespace-separated word left out with ``probability`` (at
+    least one word stays: when all would go, one of them at random is kept). Word dropout
+    shows the model partial captions — "a low buzz", "... slowly dying out" — so that each
+    word has to carry its own meaning, whatever the others say."""
+    words = caption.split()
+    if not words:
+        return caption
+    keep = torch.rand(len(words), generator=generator) >= probability
+    if not bool(keep.any()):
+        keep[int(torch.randint(0, len(words), (1,), generator=generator))] = True
+    return " ".join(word for word, kept in zip(words, keep.tolist()) if kept)
 
 
 def collate_latents(items: list[dict]) -> dict:
@@ -462,12 +484,14 @@ class LatentDataModule(L.LightningDataModule):
             weights); with several, training draws clips with replacement so that each
             manifest's share follows its weight, as the audio datamodule does.
         window_start_share: training windows that begin inside the clip (``LatentDataset``).
+        word_dropout: training captions' word dropout (``LatentDataset``).
     """
 
     def __init__(
         self, cache_dir: str | Path, batch_size: int = 32, num_workers: int = 0, max_tokens: int | None = 256, seed: int = 0,
         splits: dict[str, str] | None = None, expected_fingerprint: dict | str | None = None, sample_posterior: bool = True,
         drop_last: bool = True, source_weights: Sequence[float] | None = None, window_start_share: float = 0.0,
+        word_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.source_weights = list(source_weights) if source_weights else None
@@ -481,6 +505,7 @@ class LatentDataModule(L.LightningDataModule):
         self.sample_posterior = sample_posterior
         self.drop_last = drop_last
         self.window_start_share = window_start_share
+        self.word_dropout = word_dropout
         self.cache: LatentCache | None = None
         self.datasets: dict[str, LatentDataset] = {}
 
@@ -494,6 +519,7 @@ class LatentDataModule(L.LightningDataModule):
             self.datasets[stage_name] = LatentDataset(
                 self.cache, split, sample_posterior=self.sample_posterior and is_train, seed=self.seed,
                 max_tokens=self.max_tokens, train=is_train, window_start_share=self.window_start_share if is_train else 0.0,
+                word_dropout=self.word_dropout if is_train else 0.0,
             )
 
     @property

@@ -751,6 +751,8 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
         raise ConfigError(f"sample.cfg_scale and sample.extra_cfg_scales must be ≥ 0, got {scales}")
     if cfg.text.kind == "scratch" and cfg.text.tokenizer not in SENTENCEPIECE_MODEL_TYPES:
         raise ConfigError(f"text.tokenizer must be one of {SENTENCEPIECE_MODEL_TYPES}, got {cfg.text.tokenizer!r}")
+    if not 0 <= cfg.text.word_dropout < 1:
+        raise ConfigError(f"text.word_dropout must be in [0, 1) (a probability per caption word), got {cfg.text.word_dropout}")
     if not 0 <= cfg.model.window_start_share <= 1:
         raise ConfigError(f"model.window_start_share must be in [0, 1] (a share of training windows), got {cfg.model.window_start_share}")
     if cfg.model.mid_start_bos and cfg.model.window_start_share == 0:
@@ -781,6 +783,7 @@ def train_audio_lm(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) 
         expected_fingerprint=fingerprint,
         source_weights=[source.weight for source in sources],  # data.manifests weights reach LM training
         window_start_share=cfg.model.window_start_share,
+        word_dropout=cfg.text.word_dropout,
     )
     system = build_audio_lm(cfg, cache, record["sp_model_path"], pretransform.fingerprint())
     if record.get("text_embeddings"):

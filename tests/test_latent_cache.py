@@ -166,6 +166,39 @@ def test_window_start_share_begins_windows_inside_the_clip_as_a_long_form_refill
         LatentDataset(cache, "train", window_start_share=1.5)
 
 
+def test_word_dropout_shows_partial_captions_in_training_only(tmp_path):
+    """Each word leaves with the given probability, order kept, never all of them; 0 leaves the
+    items exactly as before the option existed; validation captions stay whole."""
+    from datamodules.latent_cache import drop_words
+
+    caption = "a low buzz slowly dying out"
+    generator = torch.Generator().manual_seed(0)
+    lengths = []
+    for _ in range(400):
+        dropped = drop_words(caption, 0.25, generator)
+        words = dropped.split()
+        assert words and all(w in caption.split() for w in words)
+        assert [caption.split().index(w) for w in words] == sorted(caption.split().index(w) for w in words)  # order kept
+        lengths.append(len(words))
+    assert 4.0 < sum(lengths) / len(lengths) < 5.0  # 6 words × 0.75 = 4.5 expected
+    assert all(drop_words("buzz", 0.99, generator) == "buzz" for _ in range(20))  # one word always stays
+
+    clips = fake_clips()
+    write_cache(tmp_path, clips)
+    cache = LatentCache(tmp_path)
+    plain = LatentDataset(cache, "train", sample_posterior=True, max_tokens=9)
+    none = LatentDataset(cache, "train", sample_posterior=True, max_tokens=9, word_dropout=0.0)
+    half = LatentDataset(cache, "train", sample_posterior=True, max_tokens=9, word_dropout=0.5)
+    for item_seed in range(5):
+        a, b, c = plain[(4, item_seed)], none[(4, item_seed)], half[(4, item_seed)]
+        assert a["caption"] == b["caption"] and torch.equal(a["tokens"], b["tokens"])
+        assert torch.equal(a["tokens"], c["tokens"])  # the caption is drawn last: tokens unchanged
+    val = LatentDataset(cache, "val", sample_posterior=False, max_tokens=9, train=False, word_dropout=0.5)
+    assert val[0]["caption"] == clips[5]["captions"][0]
+    with pytest.raises(ValueError, match="word_dropout"):
+        LatentDataset(cache, "train", word_dropout=1.0)
+
+
 def test_datamodule_batches(tmp_path):
     write_cache(tmp_path, fake_clips())
     datamodule = LatentDataModule(tmp_path, batch_size=2, max_tokens=None, seed=0, expected_fingerprint=FINGERPRINT)
@@ -284,5 +317,8 @@ def test_bad_window_start_settings_are_refused_before_any_work(tmp_path):
         pipeline.train_audio_lm(cfg)
     cfg = load_config("demo", ["model.mid_start_bos=true", f"run.root={tmp_path}/runs", f"run.data_root={tmp_path}/data"])
     with pytest.raises(ConfigError, match="model.mid_start_bos=true needs model.window_start_share > 0"):
+        pipeline.train_audio_lm(cfg)
+    cfg = load_config("demo", ["text.word_dropout=1.0", f"run.root={tmp_path}/runs", f"run.data_root={tmp_path}/data"])
+    with pytest.raises(ConfigError, match="text.word_dropout must be in"):
         pipeline.train_audio_lm(cfg)
     assert not any(tmp_path.iterdir())  # nothing prepared, nothing written
