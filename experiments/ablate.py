@@ -5,7 +5,9 @@
 
 Every experiment runs once per seed (``seed`` — data order, masks, initialisation — and
 ``eval.seed``, the generation seed) with the same step budget and batch; the command-line
-overrides apply to all; the corpus, the VAE and the latent cache are shared. Each variant
+overrides apply to all; the corpus, the VAE and the latent cache are shared. Runs go seed by
+seed (every experiment at seed 0, then at seed 1, ...), so a drift in the machine's speed
+during the ablation falls on all variants alike. Each variant
 trains the same architecture, so a step costs about the same in all of them; the table
 reports each variant's measured LM wall-clock and flags a spread over 10 % (then the
 comparison is equal-steps, not equal-time — say so when quoting it).
@@ -42,9 +44,10 @@ WALL_CLOCK_TOLERANCE = 0.10  # relative spread of mean LM seconds above which th
 
 def describe(cfg) -> str:
     m = cfg.mntp
+    noise = f" input_noise={float(cfg.model.input_noise):g}"
     if m.ratio.kind == "none":
-        return "NTP"
-    return f"MNTP ratio={m.ratio.kind} mode={m.mode} skipped={m.predict_skipped} target_emb={m.target_embedding}"
+        return "NTP" + noise
+    return f"MNTP ratio={m.ratio.kind} mode={m.mode} skipped={m.predict_skipped} target_emb={m.target_embedding}" + noise
 
 
 def budget_text(cfg) -> str:
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:  # every config first: a typo fails before any training
         configs = {(name, seed): load_config(name, [*overrides, f"seed={seed}", f"eval.seed={seed}", "eval.reference_rows=false"])
-                   for name in args.experiments for seed in args.seeds}
+                   for seed in args.seeds for name in args.experiments}  # seed-major: a drift in machine speed hits every variant alike
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -52,7 +52,8 @@ def test_ablate_runs_every_experiment_per_seed_and_scores_both_judges(tmp_path, 
     data = json.loads(report[0].read_text())
     max_steps = int(next(o for o in common if o.startswith("trainer.max_steps=")).split("=")[1])
     runs = {(r["experiment"], r["seed"]): r for r in data["runs"]}
-    assert set(runs) == {("demo_ntp", 0), ("demo_ntp", 1), ("demo", 0), ("demo", 1)}
+    # seed by seed, every experiment at each: a drift in machine speed falls on all alike
+    assert [(r["experiment"], r["seed"]) for r in data["runs"]] == [("demo_ntp", 0), ("demo", 0), ("demo_ntp", 1), ("demo", 1)]
     assert len({r["run"] for r in data["runs"]}) == 4
     # the seed reaches training: the same experiment ends elsewhere with another seed
     assert runs[("demo", 0)]["val_loss"] != runs[("demo", 1)]["val_loss"]
@@ -65,6 +66,6 @@ def test_ablate_runs_every_experiment_per_seed_and_scores_both_judges(tmp_path, 
         values = [runs[(entry["experiment"], s)]["val_loss"] for s in (0, 1)]
         assert entry["val_loss"][0] == pytest.approx(sum(values) / 2)
     table = report[0].with_suffix(".md").read_text()
-    assert "| demo_ntp | NTP | 0,1 |" in table and "| demo | MNTP ratio=mixture" in table
+    assert "| demo_ntp | NTP input_noise=1 | 0,1 |" in table and "| demo | MNTP ratio=mixture" in table
     assert "test_novel all ✓ physical %" in table and "LM wall-clock per run" in table
     assert table in capsys.readouterr().out
