@@ -7,8 +7,8 @@ Every experiment runs once per seed (``seed`` — data order, masks, initialisat
 ``eval.seed``, the generation seed) with the same step budget and batch; the command-line
 overrides apply to all; the corpus, the VAE and the latent cache are shared. Runs go seed by
 seed (every experiment at seed 0, then at seed 1, ...), so a drift in the machine's speed
-during the ablation falls on all variants alike. Each variant
-trains the same architecture, so a step costs about the same in all of them; the table
+during the ablation falls on all variants alike. Each variant trains the same
+architecture, so a step costs about the same in all of them; the table
 reports each variant's measured LM wall-clock and flags a spread over 10 % (then the
 comparison is equal-steps, not equal-time — say so when quoting it).
 
@@ -44,10 +44,9 @@ WALL_CLOCK_TOLERANCE = 0.10  # relative spread of mean LM seconds above which th
 
 def describe(cfg) -> str:
     m = cfg.mntp
-    noise = f" input_noise={float(cfg.model.input_noise):g}"
-    if m.ratio.kind == "none":
-        return "NTP" + noise
-    return f"MNTP ratio={m.ratio.kind} mode={m.mode} skipped={m.predict_skipped} target_emb={m.target_embedding}" + noise
+    objective = "NTP" if m.ratio.kind == "none" else \
+        f"MNTP ratio={m.ratio.kind} mode={m.mode} skipped={m.predict_skipped} target_emb={m.target_embedding}"
+    return f"{objective} input_noise={float(cfg.model.input_noise):g}"
 
 
 def budget_text(cfg) -> str:
